@@ -1,0 +1,139 @@
+"""All settings in one typed place, filled from the command line and checked before any
+process group exists: bad input ends with a one-line message and exit code 2."""
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+# What --debug changes, unless the same option is given explicitly.
+DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 2048, "test_limit": 1024}
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data_dir: str = "./data"  # MNIST in torchvision's layout: DATA_DIR/MNIST/raw/*-ubyte
+    download: bool = True  # fetch missing files (once per node)
+    train_limit: int | None = None  # use only the first N training images
+    test_limit: int | None = None  # use only the first N test images
+    # model
+    widths: tuple[int, ...] = (32, 64, 128)  # channels of each residual block
+    sync_bn: bool = True  # SyncBatchNorm when several GPU processes train
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 2048  # global batch, split evenly over the processes
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 0
+    mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
+    cpu: bool = False  # train on the CPU even where a GPU is present
+    dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
+    # evaluation and logging
+    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    log_every: int = 10  # steps between loss reports (each one syncs the device)
+    output_dir: str | None = None  # default: runs/<run name>
+    run_name: str | None = None  # default: the start time, as rank 0 saw it
+    report_to: str = "wandb"  # wandb|none
+    wandb_project: str = "dist_resnet"
+    wandb_mode: str | None = None  # online|offline|disabled; None: online with credentials
+    debug: bool = False
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive channel counts such as 32,64,128, got {text!r}"
+        )
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    p = argparse.ArgumentParser(
+        prog="dist_resnet/train.py",
+        description="Train the reference ResNet on MNIST with Accelerate "
+        "(DDP, SyncBatchNorm, DistributedSampler, Adam).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="fail instead of downloading missing MNIST files")
+    p.add_argument("--train-limit", type=_positive(int), default=None,
+                   help="train on the first N images only")
+    p.add_argument("--test-limit", type=_positive(int), default=None,
+                   help="evaluate on the first N test images only")
+    p.add_argument("--widths", type=_widths, default=None,
+                   help=f"channels per residual block (default {','.join(map(str, defaults.widths))})")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=defaults.sync_bn,
+                   help="convert BatchNorm to SyncBatchNorm when several GPU processes train")
+    p.add_argument("--epochs", type=_positive(int), default=None,
+                   help=f"passes over the training set (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size,
+                   help="global batch size, split evenly over the processes")
+    p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: what `accelerate launch` / `accelerate config` set, else no")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--dist-timeout", type=_positive(float), default=defaults.dist_timeout,
+                   help="seconds a collective operation may wait before the job fails")
+    p.add_argument("--eval-every", type=_positive(int), default=defaults.eval_every,
+                   help="evaluate every N epochs (and always after the last)")
+    p.add_argument("--log-every", type=_positive(int), default=defaults.log_every,
+                   help="report the training loss every N steps")
+    p.add_argument("--output-dir", default=None, help="default: runs/<run name>")
+    p.add_argument("--run-name", default=None, help="default: the start time, YYYYmmdd-HHMMSS")
+    p.add_argument("--report-to", choices=["wandb", "none"], default=defaults.report_to)
+    p.add_argument("--wandb-project", default=defaults.wandb_project)
+    p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
+                   help="default: $WANDB_MODE, else online with W&B credentials, offline without")
+    p.add_argument("--debug", action="store_true",
+                   help="a run of seconds through every stage: "
+                   + ", ".join(f"{k}={v}" for k, v in DEBUG_OVERRIDES.items()))
+    return p
+
+
+def world_size_from_env() -> int:
+    """The process count the launcher (accelerate, torchrun, srun) announced, known before
+    the process group is set up."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    defaults = Config()
+    for key, debug_value in DEBUG_OVERRIDES.items():
+        if args[key] is None:
+            args[key] = debug_value if args["debug"] else getattr(defaults, key)
+    config = Config(**args)
+
+    world_size = world_size_from_env()
+    if config.batch_size < world_size or config.batch_size % world_size:
+        parser.error(
+            f"--batch-size {config.batch_size} must be a multiple of the {world_size} processes "
+            "(it is the global batch, split evenly over them)"
+        )
+    return config
+
+
+def config_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
