@@ -54,7 +54,8 @@ def ensure_mnist(data_dir: str | Path, download: bool) -> Path:
             MNIST(str(data_dir), train=True, download=True)
         except Exception as err:  # torchvision raises several kinds; the message is what helps
             raise DataError(
-                f"could not download MNIST into {root} ({err}). Copy the four files "
+                f"could not download MNIST into {root} ({' '.join(str(err).split())}). "
+                "Copy the four files "
                 f"{', '.join(n for pair in FILES.values() for n in pair)} there by hand."
             ) from None
         missing = _missing(root)

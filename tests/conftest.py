@@ -1,0 +1,52 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist_files import write_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_PY = REPO / "dist_resnet" / "train.py"
+# Small, quick settings every end-to-end run shares; tests add what they check.
+QUICK = ["--widths", "8,16,32", "--batch-size", "128", "--lr", "3e-3", "--no-download"]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """MNIST-format IDX files made from scikit-learn's digits: 2,992 train, 301 test images."""
+    return write_mnist(tmp_path_factory.mktemp("data"))
+
+
+def run(args: list, timeout: float = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command the way a user would, with output captured; never hangs the suite."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def free_port() -> int:
+    # Port 0 does not work for a static rendezvous (the workers never learn the port).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(nproc: int, script: Path, *args, **kw) -> subprocess.CompletedProcess:
+    """A real `accelerate launch` of nproc CPU processes (a gloo group) on this machine."""
+    return run([sys.executable, "-m", "accelerate.commands.launch",
+                "--config_file", REPO / "launch" / "cpu_multi.yaml",
+                "--num_processes", nproc, "--main_process_port", free_port(), script, *args], **kw)
+
+
+def torchrun(nproc: int, script: Path, *args, **kw) -> subprocess.CompletedProcess:
+    """A real `torchrun --standalone` (it picks its own free rendezvous port)."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", nproc, script, *args], **kw)
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"

@@ -1,0 +1,67 @@
+import sys
+
+import pytest
+
+from conftest import TRAIN_PY, describe, run
+from dist_resnet.config import Config, parse_config
+
+
+def test_defaults_are_the_reference_recipe(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = parse_config([])
+    assert (config.widths, config.epochs, config.batch_size, config.lr) == ((32, 64, 128), 60, 2048, 1e-3)
+    assert config.sync_bn and config.report_to == "wandb" and config.download
+
+
+def test_debug_shrinks_the_run_but_explicit_options_win(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    debug = parse_config(["--debug"])
+    assert debug.epochs == 1 and debug.widths == (8, 16, 32) and debug.train_limit
+    assert parse_config(["--debug", "--epochs", "3", "--widths", "4,8"]).widths == (4, 8)
+    assert parse_config(["--debug", "--epochs", "3"]).epochs == 3
+
+
+def test_options_are_applied(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = parse_config(["--lr", "0.02", "--batch-size", "64", "--widths", "4,8,16",
+                           "--no-sync-bn", "--mixed-precision", "bf16", "--report-to", "none"])
+    assert config == Config(lr=0.02, batch_size=64, widths=(4, 8, 16), sync_bn=False,
+                            mixed_precision="bf16", report_to="none")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "-2"], "--epochs"),
+    (["--widths", "32,,64"], "--widths"),
+    (["--widths", "32,-64"], "--widths"),
+    (["--widths", ""], "--widths"),
+    (["--mixed-precision", "fp8"], "--mixed-precision"),
+    (["--report-to", "mlflow"], "--report-to"),
+    (["--bogus-option"], "unrecognized"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv)
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dist_resnet")]
+    assert len(error_lines) == 1 and fragment in error_lines[0]
+
+
+@pytest.mark.parametrize("world_size, batch_size", [(3, 2048), (4, 2), (2, 1)])
+def test_global_batch_must_split_evenly(world_size, batch_size, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--batch-size", str(batch_size)])
+    assert exit_info.value.code == 2
+    assert f"multiple of the {world_size} processes" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_input_before_any_work():
+    result = run([sys.executable, TRAIN_PY, "--lr", "-1"], timeout=120)
+    assert result.returncode == 2, describe(result)
+    assert "argument --lr: must be positive" in result.stderr
+    assert "Traceback" not in result.stderr

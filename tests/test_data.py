@@ -1,0 +1,127 @@
+import gzip
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import TRAIN_PY, describe, run
+from dist_resnet.data import FILES, DataError, ensure_mnist, load_split, make_sampler, raw_dir, shard_batches
+
+ALL_FILES = [name for pair in FILES.values() for name in pair]
+
+
+@pytest.fixture
+def data_copy(mnist_dir, tmp_path):
+    shutil.copytree(mnist_dir, tmp_path / "d")
+    return tmp_path / "d"
+
+
+def test_loads_idx_files_as_uint8_tensors(mnist_dir):
+    images, labels = load_split(mnist_dir, "train")
+    assert images.dtype == torch.uint8 and images.shape[1:] == (1, 28, 28)
+    assert labels.dtype == torch.int64 and len(labels) == len(images) == 2992
+    assert set(labels.tolist()) == set(range(10))
+    assert load_split(mnist_dir, "test", limit=50)[0].shape == (50, 1, 28, 28)
+
+
+def test_missing_files_without_download_name_directory_and_files(tmp_path):
+    with pytest.raises(DataError) as err:
+        ensure_mnist(tmp_path, download=False)
+    message = str(err.value)
+    assert str(raw_dir(tmp_path)) in message and "--no-download" in message
+    assert all(name in message for name in ALL_FILES)
+
+
+def test_failed_download_is_a_clear_error(tmp_path):
+    # This machine has no route to the MNIST mirrors: the attempt fails, clearly.
+    with pytest.raises(DataError, match="could not download MNIST into .* Copy the four files"):
+        ensure_mnist(tmp_path, download=True)
+
+
+def test_gzipped_files_are_decompressed_in_place(data_copy):
+    raw = raw_dir(data_copy)
+    original = (raw / ALL_FILES[0]).read_bytes()
+    with gzip.open(raw / f"{ALL_FILES[0]}.gz", "wb") as f:
+        f.write(original)
+    (raw / ALL_FILES[0]).unlink()
+    ensure_mnist(data_copy, download=False)
+    assert (raw / ALL_FILES[0]).read_bytes() == original
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_file_names_the_file(data_copy, damage):
+    path = raw_dir(data_copy) / "t10k-images-idx3-ubyte"
+    content = path.read_bytes()
+    path.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00\x01not idx" * 10,
+                      "empty": b""}[damage])
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: not a readable MNIST IDX file"):
+        load_split(data_copy, "test")
+
+
+def test_image_and_label_counts_must_agree(data_copy):
+    raw = raw_dir(data_copy)
+    shutil.copy(raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte")
+    with pytest.raises(DataError, match="301 images but .* holds 2992 labels"):
+        load_split(data_copy, "test")
+
+
+def test_cli_missing_data_exits_2_with_one_clear_message(tmp_path):
+    result = run([sys.executable, TRAIN_PY, "--data-dir", tmp_path, "--no-download",
+                  "--report-to", "none", "--output-dir", tmp_path / "out"], timeout=120)
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("error: MNIST not found in") == 1
+    assert all(name in result.stderr for name in ALL_FILES)
+
+
+def test_cli_corrupt_data_exits_2_naming_the_file(data_copy, tmp_path):
+    (raw_dir(data_copy) / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")
+    result = run([sys.executable, TRAIN_PY, "--data-dir", data_copy, "--report-to", "none",
+                  "--output-dir", tmp_path / "out"], timeout=120)
+    assert result.returncode == 2, describe(result)
+    assert "train-labels-idx1-ubyte: not a readable MNIST IDX file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("num_samples, world_size", [(100, 1), (100, 3), (1000, 4), (7, 8)])
+def test_shards_are_disjoint_and_complete(num_samples, world_size):
+    shards = [list(make_sampler(num_samples, world_size, rank, shuffle=True, seed=3))
+              for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # equal shares, so collectives line up
+    flat = [i for s in shards for i in s]
+    assert set(flat) == set(range(num_samples))
+    padding = len(flat) - num_samples
+    assert 0 <= padding < world_size
+    if padding == 0:
+        assert len(set(flat)) == len(flat)  # disjoint
+
+
+def test_shuffle_changes_each_epoch_and_agrees_across_ranks():
+    orders = []
+    for epoch in range(3):
+        samplers = [make_sampler(64, 2, rank, shuffle=True, seed=0) for rank in range(2)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        orders.append([list(s) for s in samplers])
+    assert orders[0] != orders[1] != orders[2]
+    for epoch_order in orders:  # every rank drew from the same permutation
+        assert sorted(epoch_order[0] + epoch_order[1]) == list(range(64))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_batches_together_are_the_single_process_batch(world_size):
+    """N processes x B/N see, step by step, exactly the samples 1 process x B sees."""
+    num_samples, batch = 96, 16
+    single = make_sampler(num_samples, 1, 0, shuffle=True, seed=5)
+    single.set_epoch(2)
+    single_batches = shard_batches(single, batch, "cpu")
+    per_rank = []
+    for rank in range(world_size):
+        sampler = make_sampler(num_samples, world_size, rank, shuffle=True, seed=5)
+        sampler.set_epoch(2)
+        per_rank.append(shard_batches(sampler, batch // world_size, "cpu"))
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(single_batches)
+    for step, expected in enumerate(single_batches):
+        together = torch.cat([batches[step] for batches in per_rank])
+        assert sorted(together.tolist()) == sorted(expected.tolist())

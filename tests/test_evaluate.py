@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import describe, torchrun
+from dist_resnet.data import normalize
+from dist_resnet.evaluate import Evaluation, _deduplicate
+from dist_worker import fixed_model, fixed_test_set
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def test_deduplicate_drops_sampler_padding_and_keeps_order():
+    # 5 samples over 2 ranks: rank 0 gets 0, 2, 4; rank 1 gets 1, 3 and the padded 0.
+    index = np.array([0, 2, 4, 1, 3, 0])
+    predictions = np.array([10, 12, 14, 11, 13, 10])
+    result = _deduplicate(index, predictions, predictions - 10, np.zeros(6), num_samples=5)
+    assert result.predictions.tolist() == [10, 11, 12, 13, 14]
+    assert result.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_deduplicate_refuses_missing_samples():
+    with pytest.raises(RuntimeError, match="covered 2 of 3"):
+        _deduplicate(np.array([0, 1]), np.zeros(2), np.zeros(2), np.zeros(2), num_samples=3)
+
+
+def test_report_support_is_the_test_set_size():
+    labels = np.array([0, 1, 2, 2, 9, 9, 9])
+    text, table = Evaluation(labels, labels[::-1].copy(), np.zeros(7)).report()
+    assert table["macro avg"]["support"] == 7 and table["9"]["support"] == 3
+    assert table["5"]["support"] == 0  # every class is listed, present or not
+    assert "accuracy" in text
+
+
+@pytest.mark.parametrize("world_size, num_samples, batch_size", [
+    (1, 101, 7), (2, 101, 7), (3, 101, 8), (4, 101, 5), (3, 10, 64),
+])
+def test_gathered_evaluation_equals_single_process(world_size, num_samples, batch_size, tmp_path):
+    """torchrun with N CPU processes: the gathered predictions are exactly those of one
+    process evaluating the same weights, and the support is exactly the set size."""
+    out = tmp_path / "eval.npz"
+    result = torchrun(world_size, WORKER, "evaluate", out, "--num-samples", num_samples,
+                      "--batch-size", batch_size, timeout=180)
+    assert result.returncode == 0, describe(result)
+    got = np.load(out)
+    assert int(got["world_size"]) == world_size
+
+    images, labels = fixed_test_set(num_samples)
+    with torch.no_grad():
+        logits = fixed_model()(normalize(images))
+    assert got["labels"].tolist() == labels.tolist()
+    assert got["predictions"].tolist() == logits.argmax(1).tolist()
+    expected_losses = F.cross_entropy(logits, labels, reduction="none").numpy()
+    np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
+    report = Evaluation(got["labels"], got["predictions"], got["losses"]).report()[1]
+    assert report["macro avg"]["support"] == num_samples
