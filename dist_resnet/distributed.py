@@ -63,3 +63,10 @@ def local_main_first(accelerator: Accelerator):
             error = err
     if error is not None:
         raise error
+
+
+def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
+    """print() on global rank 0 only. Accelerator.print prints once per node, so a
+    multi-node job would repeat every line."""
+    if accelerator.is_main_process:
+        print(*args, **kwargs, flush=True)

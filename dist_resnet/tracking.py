@@ -73,9 +73,9 @@ class RunLog:
             init_kwargs={"wandb": {"name": config.run_name, "dir": str(wandb_dir), "mode": mode}},
         )
         if mode == "offline":
-            self.accelerator.print(
+            print(
                 f"W&B is offline (no credentials found); sync later with: "
-                f"wandb sync {wandb_dir}/wandb/offline-run-*"
+                f"wandb sync {wandb_dir}/wandb/offline-run-*", flush=True
             )
 
     def log(self, event: str, step: int, epoch: float, **values) -> None:

@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # `python dist_resnet/train.py` from a clone that
 import dataclasses
 import math
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -134,27 +135,26 @@ def finish(result, model, run_log, accelerator: Accelerator, output_dir: Path) -
     """Report and weights from the final evaluation, written by rank 0."""
     if accelerator.is_main_process:
         report_text = evaluate.write_report(result, output_dir)
-        accelerator.print(report_text)
+        distributed.print_main(accelerator, report_text)
         run_log.log_report(result.report()[1])
     # save_model unwraps DDP (no `module.` prefix) and writes model.safetensors on rank 0.
     accelerator.save_model(model, output_dir)
     accelerator.wait_for_everyone()
-    accelerator.print(f"outputs in {output_dir}")
+    distributed.print_main(accelerator, f"outputs in {output_dir}")
 
 
 def announce(config: Config, accelerator: Accelerator, per_process_batch: int, sync_bn: bool,
              train_size: int) -> None:
     world_size = accelerator.num_processes
-    accelerator.print(
-        f"{world_size} process(es) on {accelerator.device.type}, global batch {config.batch_size} "
+    say = partial(distributed.print_main, accelerator)
+    say(f"{world_size} process(es) on {accelerator.device.type}, global batch {config.batch_size} "
         f"= {world_size} x {per_process_batch} per process, mixed precision "
-        f"{accelerator.mixed_precision}, {train_size} training images, {config.epochs} epoch(s)"
-    )
+        f"{accelerator.mixed_precision}, {train_size} training images, {config.epochs} epoch(s)")
     if world_size > 1 and not sync_bn:
         reason = ("PyTorch has no SyncBatchNorm on CPU" if accelerator.device.type != "cuda"
                   else "--no-sync-bn")
-        accelerator.print(f"BatchNorm is per process ({reason}): each normalizes its own "
-                          f"{per_process_batch} samples")
+        say(f"BatchNorm is per process ({reason}): each normalizes its own "
+            f"{per_process_batch} samples")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ class SlurmCluster:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 120)
-        return subprocess.run([str(a) for a in args], env=self.env, **kw)
+        kw.setdefault("env", self.env)
+        return subprocess.run([str(a) for a in args], **kw)
 
     def log_tails(self, lines: int = 25) -> str:
         """The last lines of each daemon's log file, or of its stderr where it never opened one
