@@ -1,8 +1,11 @@
 """The residual network of the reference notebook, with configurable widths."""
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 REFERENCE_WIDTHS = (32, 64, 128)
@@ -68,3 +71,40 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
     # Accelerate never converts BatchNorm for us; it must happen before DDP wraps the model
     # so that DDP registers the SyncBatchNorm modules (timm train.py does the same).
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class WeightsError(Exception):
+    """A weights file that is missing, unreadable, or not of this model."""
+
+
+def widths_from_state_dict(state: dict) -> tuple[int, ...]:
+    """The block widths a state dict was saved with, read from its conv1 weights."""
+    widths, i = [], 0
+    while f"blocks.{i}.conv1.weight" in state:
+        widths.append(state[f"blocks.{i}.conv1.weight"].shape[0])
+        i += 1
+    return tuple(widths)
+
+
+def load_model(path: str | Path) -> ResNet:
+    """A ResNet with the weights of a model.safetensors file, or of a directory holding one
+    (a run's output directory, or a checkpoint). safetensors holds tensors only: loading runs
+    no code, unlike unpickling."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
+    widths = widths_from_state_dict(state)
+    model = ResNet(widths) if widths else None
+    if model is None or state.keys() != model.state_dict().keys():
+        raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise WeightsError(f"{path}: weights do not fit the model ({err})") from None
+    return model

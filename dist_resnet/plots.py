@@ -1,0 +1,161 @@
+"""PNG figures of a run: confusion matrix, learning curves, misclassified digits.
+
+Figures are drawn on matplotlib's Agg canvas directly, never through pyplot: pyplot keeps a
+global figure registry and a global backend, and a training job (or a notebook importing
+this module) should not have either changed under it.
+"""
+
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, PercentFormatter
+
+
+def plot_confusion_matrix(matrix: np.ndarray, path: str | Path) -> Path:
+    """Counts of (true, predicted) pairs as a heat map with every cell annotated."""
+    matrix = np.asarray(matrix)
+    total = int(matrix.sum())
+    correct = int(np.trace(matrix))
+    figure = Figure(figsize=(6.4, 5.6))
+    ax = figure.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    classes = range(matrix.shape[0])
+    ax.set_xticks(classes)
+    ax.set_yticks(classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = f"{correct / total:.2%} ({correct}/{total})" if total else "n/a (no samples)"
+    ax.set_title(f"confusion matrix, accuracy {accuracy}")
+    # Dark text on light cells and light text on dark ones, so every count stays legible.
+    threshold = matrix.max() / 2 if total else 0
+    for (true, predicted), count in np.ndenumerate(matrix):
+        ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                color="white" if count > threshold else "black")
+    return _save(figure, path)
+
+
+def plot_curves(records: list[dict], path: str | Path) -> Path:
+    """Training and test loss (left) and test accuracy (right) against the epoch, from the
+    records of metrics.jsonl. Evaluations are drawn with markers: a run with one evaluation
+    still shows it, and a run with none yet says so."""
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    figure = Figure(figsize=(11, 4.2))
+    loss_ax, acc_ax = figure.subplots(1, 2)
+
+    if train:
+        loss_ax.plot([r["epoch"] for r in train], [r["train_loss"] for r in train],
+                     label="training loss", color="tab:blue")
+    if evals:
+        loss_ax.plot([r["epoch"] for r in evals], [r["test_loss"] for r in evals], "o-",
+                     label="test loss", color="tab:orange")
+    losses = [r["train_loss"] for r in train] + [r["test_loss"] for r in evals]
+    if losses:
+        loss_ax.legend()
+        # Cross-entropy falls by orders of magnitude over a long run; a log axis keeps the
+        # late epochs readable. Log needs positive values, which a real loss always has.
+        if min(losses) > 0:
+            loss_ax.set_yscale("log")
+            # Plain numbers (0.5, 2) rather than the default 5x10^-1, labelled at 1, 2 and 5
+            # of each decade: enough to read values, never crowded.
+            loss_ax.yaxis.set_major_formatter(FuncFormatter(_decade_label))
+            loss_ax.yaxis.set_minor_formatter(FuncFormatter(_decade_label))
+    else:
+        _say(loss_ax, "no training records yet")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("loss")
+    loss_ax.grid(alpha=0.3)
+
+    if evals:
+        acc_ax.plot([r["epoch"] for r in evals], [r["test_acc"] for r in evals], "o-",
+                    color="tab:green")
+        best = max(evals, key=lambda r: r["test_acc"])
+        acc_ax.set_title(f"test accuracy (last {evals[-1]['test_acc']:.2%}, "
+                         f"best {best['test_acc']:.2%} at epoch {best['epoch']})")
+    else:
+        acc_ax.set_title("test accuracy")
+        _say(acc_ax, "no evaluation yet")
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.grid(alpha=0.3)
+    # Both panels share the epoch range, so the two can be read against each other.
+    epochs = [r["epoch"] for r in train + evals]
+    if epochs:
+        for ax in (loss_ax, acc_ax):
+            ax.set_xlim(0, max(epochs) * 1.03 or 1)
+    return _save(figure, path)
+
+
+def plot_misclassified(images, labels, predictions, path: str | Path, max_images: int = 36) -> Path:
+    """A grid of the first max_images wrong predictions, each titled "true T / pred P".
+
+    images: uint8 [N, 1, 28, 28] or [N, 28, 28] (numpy or a torch tensor), white on black.
+    """
+    images, labels, predictions = (_numpy(x) for x in (images, labels, predictions))
+    if images.ndim == 4:
+        images = images[:, 0]
+    wrong = np.flatnonzero(labels != predictions)
+    shown = wrong[:max_images]
+    if len(shown) == 0:
+        figure = Figure(figsize=(5, 2))
+        _say(figure.add_subplot(), f"no misclassified images ({len(labels)} predicted, all correct)")
+        figure.axes[0].set_axis_off()
+        return _save(figure, path)
+
+    cols = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / cols)
+    # At least 4.5 inches wide so that the heading fits above a grid of one or two images.
+    figure = Figure(figsize=(max(1.4 * cols, 4.5), 1.55 * rows + 0.6))
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, i in zip(axes, shown):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {labels[i]} / pred {predictions[i]}", fontsize=8)
+    figure.suptitle(f"misclassified: {len(wrong)} of {len(labels)}"
+                    + (f" (first {len(shown)} shown)" if len(shown) < len(wrong) else ""))
+    return _save(figure, path)
+
+
+def _numpy(x) -> np.ndarray:
+    # Tensors may live on a GPU; numpy needs them on the host. No torch import for that.
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def _decade_label(value: float, _position) -> str:
+    mantissa = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if mantissa in (1, 2, 5) else ""
+
+
+def _say(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    """Write the PNG under a temporary name in the same directory, then rename it: a reader
+    (a dashboard polling the run directory) sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    # open(..., "x") rather than mkstemp: mkstemp makes the file private (0600), and the
+    # rename would carry that onto a figure other users should be able to read.
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temp, "xb") as file:
+            figure.savefig(file, format="png", dpi=100)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path

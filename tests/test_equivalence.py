@@ -1,0 +1,122 @@
+"""Distribution changes nothing but speed: N processes of the real train.py compute what one
+process computes, step by step. On CPU, where BatchNorm cannot be synchronized, the single
+process splits each batch into the same N slices and normalizes each slice on its own.
+
+Measured here: with 2 processes the losses and weights are bitwise equal (dividing by 2 is
+exact); with 3 the last bits differ, and Adam amplifies them over many steps, so the runs are
+compared over one epoch (10 steps) within float tolerance."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import TRAIN_PY, accelerate_launch, describe, torchrun
+from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
+from dist_resnet.model import ResNet
+
+WIDTHS, BATCH, TRAIN_LIMIT, LR, SEED = (4, 8, 8), 48, 480, 2e-3, 7
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as in reference_run (torchrun sets it for N > 1)
+ARGS = ["--widths", ",".join(map(str, WIDTHS)), "--batch-size", BATCH, "--train-limit", TRAIN_LIMIT,
+        "--test-limit", 64, "--lr", LR, "--seed", SEED, "--epochs", 1, "--log-every", 1,
+        "--no-download", "--report-to", "none"]
+
+
+def compared_parameters() -> list[str]:
+    """Every parameter except the biases of convolutions that feed a BatchNorm: BatchNorm
+    subtracts the batch mean, so their true gradient is exactly zero and what they receive is
+    rounding noise, which Adam turns into full-size steps. They change nothing downstream."""
+    return [name for name, _ in ResNet(WIDTHS).named_parameters()
+            if not (name.startswith("blocks.") and name.endswith(("conv1.bias", "conv2.bias")))]
+
+
+def train_losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in records if r["event"] == "train"]
+
+
+def reference_run(data_dir: Path, world_size: int, epochs: int = 1):
+    """One process: every global batch split as DistributedSampler would split it over
+    world_size ranks, each slice normalized on its own, and the gradients averaged as DDP does
+    (each slice's gradient divided by world_size, then summed)."""
+    images, labels = load_split(data_dir, "train", TRAIN_LIMIT)
+    # The launched ranks run one OpenMP thread each; a CPU convolution's sums may be split
+    # differently with more threads, and Adam would amplify that last-bit difference.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_run(images, labels, world_size, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_run(images, labels, world_size: int, epochs: int):
+    torch.manual_seed(SEED)  # what accelerate's set_seed does for torch before the model is built
+    model = ResNet(WIDTHS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    samplers = [make_sampler(len(labels), world_size, rank, shuffle=True, seed=SEED)
+                for rank in range(world_size)]
+    losses = []
+    for epoch in range(epochs):
+        shards = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            shards.append(shard_batches(sampler, BATCH // world_size, "cpu"))
+        for slices in zip(*shards):
+            slice_losses = []
+            for index in slices:
+                loss = F.cross_entropy(model(normalize(images[index])), labels[index])
+                (loss / world_size).backward()
+                slice_losses.append(loss.detach())
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(torch.stack(slice_losses).mean().item())
+    return losses, model.state_dict()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_n_processes_equal_one_process_with_sliced_batches(world_size, mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    result = torchrun(world_size, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", out,
+                      env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert json.loads((out / "config.json").read_text())["per_process_batch"] == BATCH // world_size
+
+    expected_losses, expected_state = reference_run(mnist_dir, world_size)
+    got_losses = train_losses(out)
+    assert len(got_losses) == len(expected_losses) == TRAIN_LIMIT // BATCH  # 10 steps
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(expected_losses),
+                               rtol=1e-5, atol=1e-6)
+    got_state = load_file(out / "model.safetensors")
+    for name in compared_parameters():
+        torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_one_process_is_plain_full_batch_training(mnist_dir, tmp_path):
+    """With one process nothing is sliced: train.py is ordinary full-batch training."""
+    out = tmp_path / "out"
+    result = accelerate_launch(1, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", out,
+                               env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    expected_losses, expected_state = reference_run(mnist_dir, world_size=1)
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(expected_losses),
+                               rtol=1e-5, atol=1e-6)
+    got_state = load_file(out / "model.safetensors")
+    for name in [*compared_parameters(), "blocks.0.bn1.running_mean", "blocks.2.bn2.running_var"]:
+        torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_process_count_gives_identical_weights(mnist_dir, tmp_path):
+    weights = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", out)
+        assert result.returncode == 0, describe(result)
+        weights.append(load_file(out / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

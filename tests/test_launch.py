@@ -1,0 +1,47 @@
+"""launch/ holds an Accelerate config for each way users start the suite. Each loads in
+Accelerate; those a CPU machine can run train a short run from start to report."""
+
+import json
+import sys
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from conftest import QUICK, REPO, TRAIN_PY, describe, free_port, run
+
+EXPECTED = {  # file: (distributed type, processes, machines, mixed precision, CPU)
+    "single_gpu.yaml": ("NO", 1, 1, "bf16", False),
+    "multi_gpu.yaml": ("MULTI_GPU", 8, 1, "bf16", False),
+    "multi_node.yaml": ("MULTI_GPU", 16, 2, "bf16", False),
+    "cpu_multi.yaml": ("MULTI_GPU", 2, 1, "no", True),
+}
+
+
+def test_every_config_is_listed():
+    assert sorted(p.name for p in (REPO / "launch").glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads(name):
+    config = load_config_from_file(str(REPO / "launch" / name))
+    got = (config.distributed_type.value, config.num_processes, config.num_machines,
+           str(config.mixed_precision), bool(config.use_cpu))
+    assert got == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name, extra, world_size", [
+    ("single_gpu.yaml", [], 1),
+    # The 8-GPU config, scaled down to 2 processes: on a machine without CUDA they train on
+    # the CPU over gloo (train.py builds its Accelerator with cpu=True there).
+    ("multi_gpu.yaml", ["--num_processes", "2"], 2),
+])
+def test_gpu_configs_also_run_on_cpu(name, extra, world_size, mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  REPO / "launch" / name, *extra, "--main_process_port", free_port(), TRAIN_PY,
+                  "--data-dir", mnist_dir, *QUICK, "--epochs", "1", "--train-limit", "512",
+                  "--report-to", "none", "--output-dir", out])
+    assert result.returncode == 0, describe(result)
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == world_size and config["resolved_mixed_precision"] == "bf16"
+    assert json.loads((out / "classification_report.json").read_text())["macro avg"]["support"] == 301
