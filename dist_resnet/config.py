@@ -3,6 +3,7 @@ process group exists: bad input ends with a one-line message and exit code 2."""
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ class Config:
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
+    # checkpoints
+    checkpoint_every: int = 0  # steps between checkpoints within an epoch (0: epoch ends only)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: str | None = None  # auto (newest checkpoint, else fresh) or a checkpoint directory
     # evaluation and logging
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
     log_every: int = 10  # steps between loss reports (each one syncs the device)
@@ -45,12 +50,22 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -95,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--dist-timeout", type=_positive(float), default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=defaults.checkpoint_every,
+                   help="also checkpoint every N steps within an epoch (0: only at epoch ends)")
+    p.add_argument("--keep-checkpoints", type=_positive(int), default=defaults.keep_checkpoints,
+                   help="how many of the newest checkpoints to keep")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint in the output directory (auto; a "
+                   "fresh start when there is none) or from the checkpoint directory PATH")
     p.add_argument("--eval-every", type=_positive(int), default=defaults.eval_every,
                    help="evaluate every N epochs (and always after the last)")
     p.add_argument("--log-every", type=_positive(int), default=defaults.log_every,
@@ -125,6 +147,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if args[key] is None:
             args[key] = debug_value if args["debug"] else getattr(defaults, key)
     config = Config(**args)
+    if config.resume and config.resume != "auto" and config.output_dir is None:
+        parser.error("--resume PATH needs --output-dir (where the continued run writes)")
 
     world_size = world_size_from_env()
     if config.batch_size < world_size or config.batch_size % world_size:

@@ -1,5 +1,6 @@
 """Process-group setup and teardown, one pair called once from main."""
 
+import signal
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -70,3 +71,34 @@ def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
     multi-node job would repeat every line."""
     if accelerator.is_main_process:
         print(*args, **kwargs, flush=True)
+
+
+class StopRequest:
+    """SIGUSR1 or SIGTERM (what Slurm sends before a time limit and on preemption) asks the
+    run to stop; every rank learns of it at the same step.
+
+    The handler only sets a flag, so a second signal during a checkpoint save changes
+    nothing. The flag is all-reduced every step over a CPU (gloo) group of its own: host-side
+    only, so it never waits for the GPU. Construct it on every rank (creating the group is
+    collective).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, timeout_s: float):
+        self.signum = 0
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if distributed else None
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self) -> int:
+        """The signal number if any rank received one, else 0 (a collective when distributed)."""
+        if self.group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())

@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # `python dist_resnet/predict.py` from a clone th
 
 import argparse
 import json
+import os
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     height, width = digit.shape
     scale = 20 / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    box = np.clip(np.asarray(Image.fromarray(digit, mode="F").resize(size, Image.LANCZOS)), 0, 1)
+    box = np.clip(np.asarray(Image.fromarray(digit).resize(size, Image.Resampling.LANCZOS)), 0, 1)
 
     # Place the box so that its centre of mass lands where MNIST's do, on pixel (14, 14)
     # (measured: the mean over MNIST's test set is 13.98, 14.01), inside the frame.
@@ -129,13 +130,13 @@ def predict_files(model: ResNet, paths: list[str | Path]) -> list[dict]:
 def format_table(results: list[dict], top_k: int) -> str:
     """One line per file: the predicted digit with its probability, then the top_k runners-up."""
     width = max(len("file"), *(len(r["file"]) for r in results))
-    header = f"{'file':<{width}}  digit  probability" + ("  next most likely" if top_k else "")
-    lines = [header]
+    lines = [f"{'file':<{width}}  digit  probability" + ("  next most likely" if top_k else "")]
     for r in results:
-        ranked = sorted(range(NUM_CLASSES), key=lambda c: -r["probabilities"][c])
-        others = "  ".join(f"{c}: {r['probabilities'][c]:6.1%}" for c in ranked[1:top_k + 1])
-        lines.append(f"{r['file']:<{width}}  {r['prediction']:>5}  "
-                     f"{r['probabilities'][r['prediction']]:>11.1%}  {others}".rstrip())
+        p = r["probabilities"]
+        ranked = sorted(range(NUM_CLASSES), key=lambda c: -p[c])
+        others = ", ".join(f"{c} ({p[c]:.1%})" for c in ranked[1:top_k + 1])
+        line = f"{r['file']:<{width}}  {r['prediction']:>5}  {p[r['prediction']]:>11.1%}  {others}"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
@@ -165,9 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         # One line, argparse's form and exit code; nothing was printed before it.
         print(f"predict.py: error: {err}", file=sys.stderr)
         return 2
-    # JSON with one file per line: still one valid document, and readable in a terminal.
-    text = "[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]" if args.json else None
-    print(text or format_table(results, args.top_k))
+    if args.json:
+        # One file per line: still one valid JSON document, and readable in a terminal.
+        text = "[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]"
+    else:
+        text = format_table(results, args.top_k)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # `predict.py ... | head` closed the pipe: exit quietly, as Python's signal docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ Accelerate's tracker integration. Everything here writes on the main process onl
 import json
 import netrc
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -48,14 +49,24 @@ def resolve_wandb_mode(requested: str | None) -> str:
 
 
 class RunLog:
-    """metrics.jsonl (one JSON object per event) plus the trackers, on the main process."""
+    """metrics.jsonl (one JSON object per event) plus the trackers, on the main process.
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path):
+    A run resumed from the checkpoint of step S keeps the history up to S and drops what the
+    interrupted run logged after it, so no step is duplicated or missing; it continues the
+    same W&B run (its id is kept in the output directory)."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, resume_step: int | None = None):
         self.accelerator = accelerator
         self.path = output_dir / "metrics.jsonl"
-        if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+        self.resumed = resume_step is not None
+        if not accelerator.is_main_process:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.resumed and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def start(self, config: Config, extra: dict) -> None:
         """Write config.json and start the trackers with the resolved configuration."""
@@ -70,13 +81,21 @@ class RunLog:
         self.accelerator.init_trackers(
             config.wandb_project,
             config=values,
-            init_kwargs={"wandb": {"name": config.run_name, "dir": str(wandb_dir), "mode": mode}},
+            init_kwargs={"wandb": {"name": config.run_name, "dir": str(wandb_dir), "mode": mode,
+                                   "id": self._wandb_run_id(), "resume": "allow"}},
         )
         if mode == "offline":
             print(
                 f"W&B is offline (no credentials found); sync later with: "
                 f"wandb sync {wandb_dir}/wandb/offline-run-*", flush=True
             )
+
+    def _wandb_run_id(self) -> str:
+        """One W&B run per output directory: a resumed job continues the run it started."""
+        path = self.path.parent / "wandb_run_id"
+        if not (self.resumed and path.exists()):
+            path.write_text(secrets.token_hex(4))
+        return path.read_text().strip()
 
     def log(self, event: str, step: int, epoch: float, **values) -> None:
         if not self.accelerator.is_main_process:

@@ -1,7 +1,9 @@
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,50 @@ def torchrun(nproc: int, script: Path, *args, **kw) -> subprocess.CompletedProce
 
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+
+
+def start(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a command in the background, its output to a file (a pipe could fill and block)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    handle = open(log, "w")
+    return subprocess.Popen([str(a) for a in args], stdout=handle, stderr=subprocess.STDOUT,
+                            env=full_env, cwd=REPO, start_new_session=True)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll until condition() is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_pids(marker: str) -> dict[int, int]:
+    """{rank: pid} of the training processes whose command line contains marker (found
+    through /proc: the processes a launcher started, as a user would find them with ps)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except (OSError, ValueError):
+            continue
+        is_train = any(part.endswith(b"train.py") for part in cmdline)
+        # accelerate launch / torchrun carry the script in their own command line too.
+        is_launcher = any(word in part for part in cmdline[:3]
+                          for word in (b"launch", b"torchrun", b"distributed.run"))
+        if is_train and not is_launcher and any(marker.encode() in part for part in cmdline):
+            found[int(environ.get(b"RANK", b"0"))] = int(proc.name)
+    return found
+
+
+def train_records(out: Path, event: str = "train") -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [r for r in (json.loads(line) for line in lines if line.strip()) if r["event"] == event]

@@ -33,6 +33,11 @@ def test_options_are_applied(monkeypatch):
     (["--lr", "0"], "--lr"),
     (["--lr", "-1e-3"], "--lr"),
     (["--lr", "fast"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--resume", "runs/x/checkpoints/step-00000010"], "--resume PATH needs --output-dir"),
     (["--batch-size", "0"], "--batch-size"),
     (["--epochs", "-2"], "--epochs"),
     (["--widths", "32,,64"], "--widths"),
@@ -63,5 +68,5 @@ def test_global_batch_must_split_evenly(world_size, batch_size, capsys, monkeypa
 def test_cli_rejects_bad_input_before_any_work():
     result = run([sys.executable, TRAIN_PY, "--lr", "-1"], timeout=120)
     assert result.returncode == 2, describe(result)
-    assert "argument --lr: must be positive" in result.stderr
+    assert "argument --lr: must be positive and finite" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,0 +1,177 @@
+"""Checkpoints, resume, preemption signals and failures, with real processes: signals sent
+to real training processes, kills during real saves, a real rank death."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import wandb_records
+from conftest import (TRAIN_PY, accelerate_launch, describe, free_port, run, start, train_records,
+                      wait_for, worker_pids)
+from dist_resnet.checkpoint import complete_checkpoints
+
+# 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps.
+ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--train-limit", "960",
+        "--test-limit", "128", "--epochs", "4", "--log-every", "1", "--checkpoint-every", "4",
+        "--no-download"]
+TOTAL_STEPS = 60
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def launch_command(nproc: int, *args) -> list:
+    if nproc == 1:
+        return [sys.executable, TRAIN_PY, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            TRAIN_PY.parent.parent / "launch" / "cpu_multi.yaml", "--num_processes", nproc,
+            "--main_process_port", free_port(), TRAIN_PY, *args]
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs"
+
+
+def assert_same_history(resumed, reference):
+    got, want = train_records(resumed), train_records(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, TOTAL_STEPS + 1))
+    torch.testing.assert_close(torch.tensor([r["train_loss"] for r in got]),
+                               torch.tensor([r["train_loss"] for r in want]), rtol=1e-6, atol=1e-7)
+    assert train_records(resumed, "eval") == train_records(reference, "eval")
+
+
+@pytest.fixture(scope="module")
+def reference_runs(mnist_dir, tmp_path_factory):
+    """Uninterrupted runs with 1 and 2 processes, to compare interrupted ones against."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path_factory.mktemp("reference") / f"np{nproc}"
+        result = run(launch_command(nproc, "--data-dir", mnist_dir, *ARGS, "--report-to", "none",
+                                    "--output-dir", out), env=ONE_THREAD)
+        assert result.returncode == 0, describe(result)
+        runs[nproc] = out
+    return runs
+
+
+def test_checkpoints_are_kept_newest_and_complete(reference_runs):
+    out = reference_runs[2]
+    kept = complete_checkpoints(out)
+    assert [p.name for p in kept] == ["step-00000056", "step-00000060"]  # --keep-checkpoints 2
+    assert not list((out / "checkpoints").glob("tmp-*"))
+    meta = json.loads((kept[-1] / "meta.json").read_text())
+    assert meta["step"] == TOTAL_STEPS and meta["widths"] == [4, 8, 8] and meta["world_size"] == 2
+
+
+def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist_dir, tmp_path):
+    """SIGUSR1 to rank 1 alone: every rank agrees on the step, a checkpoint is written, the
+    job exits 0; --resume auto continues mid-epoch and ends exactly as the uninterrupted run:
+    bitwise weights, the same metrics history, the same W&B run."""
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "wandb", "--wandb-mode", "offline",
+            "--output-dir", out]
+    process = start(launch_command(2, *args), tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
+    os.kill(worker_pids(str(out))[1], signal.SIGUSR1)
+    assert process.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    log = (tmp_path / "first.log").read_text()
+    stopped_step = int(log.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert 6 <= stopped_step < TOTAL_STEPS and stopped_step % 15 != 0  # mid-epoch
+    assert complete_checkpoints(out)[-1].name == f"step-{stopped_step:08d}"
+    assert train_records(out)[-1]["step"] == stopped_step
+
+    result = run(launch_command(2, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert f"resuming from {complete_checkpoints(out)[0].parent}" in result.stdout
+    assert_same_weights(out, reference_runs[2])
+    assert_same_history(out, reference_runs[2])
+    run_files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))  # one per start...
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert len(run_files) == 2 and {f.name for f in run_files} == {f"run-{run_id}.wandb"}  # ...one run
+    resumed_steps = [row["_step"] for row in wandb_records.history(run_files[-1]) if "train/train_loss" in row]
+    assert resumed_steps[0] == stopped_step + 1  # the resumed run continues where it stopped
+
+
+def saving_now(out):
+    return list((out / "checkpoints").glob("tmp-*"))
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(reference_runs, mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: complete_checkpoints(out) and saving_now(out), timeout=120, interval=0.001,
+             what="a checkpoint save in progress (after a complete one)")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert saving_now(out), "the kill should have landed during a save"
+    survivors = complete_checkpoints(out)
+    assert survivors and all((p / "model.safetensors").is_file() for p in survivors)
+
+    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert_same_weights(out, reference_runs[1])
+    assert_same_history(out, reference_runs[1])
+
+
+def test_second_signal_during_save_does_not_corrupt_it(reference_runs, mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
+    os.kill(process.pid, signal.SIGUSR1)
+    wait_for(lambda: saving_now(out), timeout=60, interval=0.001, what="the save")
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert not saving_now(out)
+    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert_same_weights(out, reference_runs[1])
+
+
+def test_a_dead_rank_ends_the_job_fast(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--epochs", "50", "--report-to", "none",
+            "--output-dir", out]
+    process = start(launch_command(2, *args), tmp_path / "run.log")
+    wait_for(lambda: len(train_records(out)) >= 3, timeout=120, what="training to start")
+    killed_at = time.monotonic()
+    os.kill(worker_pids(str(out))[1], signal.SIGKILL)
+    returncode = process.wait(timeout=90)
+    elapsed = time.monotonic() - killed_at
+    assert returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to notice a dead rank"
+    assert not worker_pids(str(out)), "a rank outlived the job"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--lr", "1e20",
+                  "--checkpoint-every", "1", "--report-to", "none", "--output-dir", out])
+    assert result.returncode == 3, describe(result)
+    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "training loss became nan" in message[0]
+    assert "Traceback" not in result.stderr
+    bad_step = int(message[0].split("up to step ")[1].split(";")[0])
+    kept = complete_checkpoints(out)
+    assert kept, "the checkpoints before the loss went bad are kept"
+    last = kept[-1]
+    assert json.loads((last / "meta.json").read_text())["step"] < bad_step
+    weights = load_file(last / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    assert not (out / "model.safetensors").exists()  # no final weights from a broken run
+
+
+def test_checkpoint_of_other_widths_is_refused(reference_runs, mnist_dir, tmp_path):
+    ckpt = complete_checkpoints(reference_runs[1])[-1]
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--widths", "8,8,8",
+                  "--resume", ckpt, "--report-to", "none", "--output-dir", tmp_path / "out"])
+    assert result.returncode == 2, describe(result)
+    assert "was saved with --widths 4,8,8, this run uses --widths 8,8,8" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,168 @@
+"""predict.py as users run it: a model trained by train.py, digit images in the forms people
+have them (dark ink on paper, colour, transparency, large, JPEG), bad input of every kind."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import QUICK, REPO, TRAIN_PY, describe, run
+from dist_resnet.data import load_split, normalize
+from dist_resnet.model import load_model
+from dist_resnet.predict import parse_args, predict_files, to_mnist
+
+PREDICT_PY = REPO / "dist_resnet" / "predict.py"
+# Forms that reduce to the same grey pixels as the plain file, and forms that resample or
+# compress them.
+LOSSLESS = ["grey", "inverted", "rgba"]
+LOSSY = ["rgb", "palette", "large", "jpeg"]
+
+
+@pytest.fixture(scope="module")
+def weights(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "4",
+                  "--report-to", "none", "--output-dir", out])
+    assert result.returncode == 0, describe(result)
+    return out
+
+
+def write_forms(digit: np.ndarray, stem) -> dict:
+    """One white-on-black 28x28 test digit saved in each form; {form: path}."""
+    ink = digit[..., None] / 255
+    # Blue ink on cream paper.
+    colour = (np.array([245, 238, 220]) * (1 - ink) + np.array([25, 35, 120]) * ink).round().astype(np.uint8)
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = digit  # black ink whose opacity draws the digit, on nothing
+    images = {
+        "grey.png": Image.fromarray(digit),
+        "inverted.png": Image.fromarray(255 - digit),
+        "rgb.png": Image.fromarray(colour),
+        "rgba.png": Image.fromarray(rgba),
+        "palette.png": Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "large.png": Image.fromarray(255 - digit).resize((100, 100), Image.Resampling.BICUBIC),
+        "jpeg.jpg": Image.fromarray(colour).resize((100, 100), Image.Resampling.BICUBIC),
+    }
+    paths = {}
+    for name, image in images.items():
+        paths[name.split(".")[0]] = path = stem.parent / f"{stem.name}_{name}"
+        image.save(path, quality=85) if path.suffix == ".jpg" else image.save(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def digits(weights, mnist_dir, tmp_path_factory):
+    """The test digits the model classifies right as the CLI will see them, in every form:
+    (directory, [(label, {form: path})]).
+
+    The reference is the model's answer on to_mnist(digit), not on the stored digit: the
+    test set is centred by bounding box (mnist_files.py), MNIST by centre of mass, and the
+    move to MNIST's convention shifts a digit by up to 2 pixels, which this small model,
+    trained on 3k digits, does not forgive (91% -> about 65%, measured). The forms are what
+    is tested here, so each starts from a digit the model gets right.
+    """
+    model = load_model(weights).eval()
+    images, labels = load_split(mnist_dir, "test")
+    seen = torch.from_numpy(np.stack([to_mnist(Image.fromarray(d[0].numpy())) for d in images]))
+    with torch.no_grad():
+        right = model(normalize(seen.unsqueeze(1))).argmax(1) == labels
+    directory = tmp_path_factory.mktemp("digits")
+    chosen = [(int(labels[i]), write_forms(images[i, 0].numpy(), directory / f"{i:03d}"))
+              for i in torch.nonzero(right).flatten().tolist()]
+    assert len(chosen) > 100, f"only {len(chosen)} of {len(labels)} test digits right"
+    return directory, chosen
+
+
+def test_lossless_forms_reduce_to_the_same_digit(digits):
+    """Polarity, alpha and palette handling: the same pixels reach the model."""
+    _, chosen = digits
+    for _, paths in chosen[:20]:
+        reference = to_mnist(Image.open(paths["grey"])).astype(int)
+        for form in LOSSLESS:
+            assert np.abs(to_mnist(Image.open(paths[form])).astype(int) - reference).max() <= 1, form
+
+
+def test_directory_json(weights, digits):
+    directory, chosen = digits
+    result = run([sys.executable, PREDICT_PY, "--weights", weights, directory, "--json"])
+    assert result.returncode == 0, describe(result)
+    by_file = {r["file"]: r for r in json.loads(result.stdout)}
+    assert len(by_file) == len(chosen) * (len(LOSSLESS) + len(LOSSY))
+    for r in by_file.values():
+        assert len(r["probabilities"]) == 10 and sum(r["probabilities"]) == pytest.approx(1, abs=1e-6)
+        assert r["prediction"] == int(np.argmax(r["probabilities"]))
+    right = {form: np.mean([by_file[str(paths[form])]["prediction"] == label
+                            for label, paths in chosen]) for form in LOSSLESS + LOSSY}
+    # Lossless forms reach the model as the same pixels: every answer must hold. Resampling
+    # to 100x100 and back, 16 colours or JPEG move pixels a little, and this small model
+    # trained for 4 epochs on 3k digits changes its mind on some 5-13% of them (measured).
+    # Over 90% overall and over 80% in each form leaves room for torch versions and CPUs.
+    assert all(right[form] == 1 for form in LOSSLESS), right
+    assert all(right[form] >= 0.8 for form in LOSSY), right
+    assert np.mean(list(right.values())) >= 0.9, right
+
+
+def test_single_files_table(weights, digits):
+    """`python -m dist_resnet.predict` on files named one by one, table output."""
+    _, chosen = digits
+    label, paths = chosen[0]
+    files = [paths["inverted"], paths["jpeg"]]
+    result = run([sys.executable, "-m", "dist_resnet.predict", "--weights",
+                  weights / "model.safetensors", *files, "--top-k", "3"])
+    assert result.returncode == 0, describe(result)
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["file", "digit", "probability", "next", "most", "likely"]
+    assert [row.split()[0] for row in rows] == [str(f) for f in files]
+    assert rows[0].split()[1] == str(label)
+    assert all(row.count("%") == 4 for row in rows)  # the prediction and 3 runners-up
+
+
+def test_predict_files_in_process(weights, digits):
+    _, chosen = digits
+    label, paths = chosen[0]
+    [result] = predict_files(load_model(weights), [paths["grey"]])
+    assert result["file"] == str(paths["grey"]) and result["prediction"] == label
+    assert predict_files(load_model(weights), []) == []
+
+
+def test_top_k_out_of_range_is_a_usage_error():
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--weights", "w", "x.png", "--top-k", "10"])
+    assert exit_.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "notes.png").write_text("not an image\n")
+    (root / "empty").mkdir()
+    (root / "random.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    save_file({"embedding.weight": torch.zeros(4, 3)}, root / "other.safetensors")
+    return root
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing image", "missing.png: no such file or directory"),
+    ("not an image", "notes.png: not a readable image"),
+    ("empty directory", "empty: no .png, .jpg or .jpeg files"),
+    ("random bytes as weights", "random.safetensors: not a safetensors weights file"),
+    ("other tensors as weights", "other.safetensors: not the weights of a dist_resnet ResNet"),
+])
+def test_bad_input_is_one_line_and_exit_2(weights, digits, bad_inputs, case, expected):
+    image = digits[1][0][1]["grey"]
+    args = {
+        "missing image": [weights, bad_inputs / "missing.png"],
+        "not an image": [weights, image, bad_inputs / "notes.png"],
+        "empty directory": [weights, bad_inputs / "empty"],
+        "random bytes as weights": [bad_inputs / "random.safetensors", image],
+        "other tensors as weights": [bad_inputs / "other.safetensors", image],
+    }[case]
+    result = run([sys.executable, PREDICT_PY, "--weights", *args])
+    assert result.returncode == 2, describe(result)
+    assert result.stdout == ""  # nothing half-printed before the error
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("predict.py: error: ") and expected in result.stderr
