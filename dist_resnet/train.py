@@ -143,8 +143,9 @@ def train(config: Config, accelerator: Accelerator) -> int:
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 result = evaluate_model(model, test_images, test_labels, accelerator, per_process_batch)
                 run_log.log("eval", step, epoch + 1, test_acc=result.accuracy, test_loss=result.loss)
-                bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {result.accuracy:.4f}, "
-                          f"loss {result.loss:.4f}")
+                if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
+                    bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
+                              f"{result.accuracy:.4f}, loss {result.loss:.4f}")
                 window.restart_clock()  # evaluation time is not training throughput
             # checkpoint at each epoch end
             save(step)

@@ -3,25 +3,39 @@ launcher task per node, each starting `accelerate launch` with its own machine r
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from conftest import QUICK, REPO
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICK, REPO, accelerate_launch, describe, train_records, wait_for
 
 pytest_plugins = ["slurm_cluster"]
 SBATCH = REPO / "slurm" / "train.sbatch"
 
 
-def submit(cluster, tmp_path: Path, *args: str, nodes: int = 1, env: dict | None = None):
-    """`sbatch --wait` from the repository root, in this interpreter's environment (as a user
-    who activated the venv), on CPU nodes: --gpus-per-node=0 overrides the script's GPUs."""
-    job_env = {**cluster.env, "NPROC_PER_NODE": "1", "WANDB_MODE": "offline",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}", **(env or {})}
-    result = cluster.run("sbatch", "--wait", f"--nodes={nodes}", "--gpus-per-node=0",
-                         "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out", SBATCH, *args,
-                         cwd=REPO, env=job_env, timeout=600)
-    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    return result, log
+def sbatch_command(tmp_path: Path, *args, nodes: int = 1) -> list:
+    """`sbatch --wait` on CPU nodes: --gpus-per-node=0 overrides the script's GPUs."""
+    return ["sbatch", "--wait", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1",
+            f"--output={tmp_path}/slurm-%j.out", SBATCH, *[str(a) for a in args]]
+
+
+def job_env(cluster, **extra) -> dict:
+    """This interpreter's environment, as for a user who activated the venv before sbatch."""
+    return {**cluster.env, "NPROC_PER_NODE": "1", "WANDB_MODE": "offline",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}", **extra}
+
+
+def job_log(tmp_path: Path) -> str:
+    return "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+
+
+def submit(cluster, tmp_path: Path, *args: str, nodes: int = 1):
+    result = cluster.run(*sbatch_command(tmp_path, *args, nodes=nodes), cwd=REPO,
+                         env=job_env(cluster), timeout=600)
+    return result, job_log(tmp_path)
 
 
 def test_two_nodes_train_one_run(slurm_cluster, mnist_dir, tmp_path):
@@ -35,9 +49,42 @@ def test_two_nodes_train_one_run(slurm_cluster, mnist_dir, tmp_path):
     report = json.loads((out / "classification_report.json").read_text())
     assert report["macro avg"]["support"] == 301
     assert log.count("global batch 128 = 2 x 64 per process") == 1  # rank 0 alone prints
+    assert log.count("epoch 1/1: test accuracy") == 1
 
 
 def test_arguments_reach_train_py_and_errors_fail_the_job(slurm_cluster, tmp_path):
     result, log = submit(slurm_cluster, tmp_path, "--lr", "-1")
     assert result.returncode != 0
     assert "argument --lr: must be positive" in log
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, mnist_dir, tmp_path):
+    """USR1 to the batch script (what --signal=B:USR1@180 sends before the time limit): the
+    training processes checkpoint and stop, the job requeues itself, the requeued run resumes
+    and ends with the same weights as an uninterrupted run."""
+    args = ["--data-dir", mnist_dir, "--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3",
+            "--train-limit", "960", "--test-limit", "128", "--epochs", "4", "--log-every", "1",
+            "--no-download", "--report-to", "none"]
+    reference = tmp_path / "reference"
+    result = accelerate_launch(2, REPO / "dist_resnet" / "train.py", *args, "--output-dir", reference,
+                               env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+
+    out = tmp_path / "out"
+    job = subprocess.Popen(sbatch_command(tmp_path, *args, "--output-dir", out, nodes=2), cwd=REPO,
+                           env=job_env(slurm_cluster, OMP_NUM_THREADS="1"), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job_id = job.stdout.readline().split()[-1]  # "Submitted batch job N"
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=180, what="six training steps")
+    signalled = slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    job.wait(timeout=400)
+    log = job_log(tmp_path)
+    assert job.returncode == 0, log + slurm_cluster.log_tails()
+
+    assert "received SIGUSR1" in log and "requeueing job" in log
+    assert "stopped by SIGUSR1 at step" in log
+    assert f"job {job_id} (restart 1)" in log and "resuming from" in log
+    assert train_records(out)[-1]["step"] == 60 and len(train_records(out)) == 60
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert all(torch.equal(got[name], want[name]) for name in want)

@@ -37,6 +37,7 @@ def test_only_rank_0_prints(two_process_run):
     _, result = two_process_run
     assert result.stdout.count("global batch 128 = 2 x 64 per process") == 1
     assert result.stdout.count("macro avg") == 1
+    assert result.stdout.count("epoch 1/4: test accuracy") == 1
 
 
 def test_report_support_is_exact_and_accuracy_well_above_chance(two_process_run):
