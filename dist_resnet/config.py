@@ -25,6 +25,7 @@ class Config:
     epochs: int = 60
     batch_size: int = 2048  # global batch, split evenly over the processes
     lr: float = 1e-3  # Adam learning rate
+    augment: bool = False  # small random affine transforms of the training images, on the device
     seed: int = 0
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
@@ -38,9 +39,12 @@ class Config:
     log_every: int = 10  # steps between loss reports (each one syncs the device)
     output_dir: str | None = None  # default: runs/<run name>
     run_name: str | None = None  # default: the start time, as rank 0 saw it
-    report_to: str = "wandb"  # wandb|none
+    report_to: str = "wandb"  # wandb|tensorboard|all|none
     wandb_project: str = "dist_resnet"
     wandb_mode: str | None = None  # online|offline|disabled; None: online with credentials
+    tags: tuple[str, ...] = ()  # W&B run tags
+    notes: str | None = None  # W&B run notes
+    group: str | None = None  # W&B run group
     debug: bool = False
 
 
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch size, split evenly over the processes")
     p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--augment", action="store_true",
+                   help="random rotations (±10°), shifts (±10%%) and zooms (±10%%) of each training "
+                   "image, done on the device")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: what `accelerate launch` / `accelerate config` set, else no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
@@ -123,10 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the training loss every N steps")
     p.add_argument("--output-dir", default=None, help="default: runs/<run name>")
     p.add_argument("--run-name", default=None, help="default: the start time, YYYYmmdd-HHMMSS")
-    p.add_argument("--report-to", choices=["wandb", "none"], default=defaults.report_to)
+    p.add_argument("--report-to", choices=["wandb", "tensorboard", "all", "none"],
+                   default=defaults.report_to, help="trackers; all = wandb and tensorboard")
     p.add_argument("--wandb-project", default=defaults.wandb_project)
     p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
                    help="default: $WANDB_MODE, else online with W&B credentials, offline without")
+    p.add_argument("--tags", type=lambda text: tuple(t for t in text.split(",") if t), default=(),
+                   help="comma-separated W&B run tags")
+    p.add_argument("--notes", default=None, help="W&B run notes")
+    p.add_argument("--group", default=None, help="W&B run group (for example, a sweep)")
     p.add_argument("--debug", action="store_true",
                    help="a run of seconds through every stage: "
                    + ", ".join(f"{k}={v}" for k, v in DEBUG_OVERRIDES.items()))

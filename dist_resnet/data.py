@@ -7,10 +7,12 @@ images/s on an H100.
 """
 
 import gzip
+import math
 import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
@@ -99,6 +101,23 @@ def _read(path: Path, reader) -> torch.Tensor:
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels -> standardized floats, done per batch on the device."""
     return (images.to(dtype) / 255 - MEAN) / STD
+
+
+def random_affine(images: torch.Tensor, degrees: float = 10.0, shift: float = 0.1,
+                  zoom: float = 0.1) -> torch.Tensor:
+    """A different small rotation, shift and zoom of each image, in one batched grid_sample on
+    the device (no per-sample Python). Takes uint8 pixels and returns float pixels on the same
+    0-255 scale, for `normalize`; uncovered corners are background (0)."""
+    n, device = images.shape[0], images.device
+    angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
+    scale = 1 + (torch.rand(n, device=device) * 2 - 1) * zoom
+    offset = (torch.rand(n, 2, device=device) * 2 - 1) * shift * 2  # grid coordinates span 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
+                         torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
 
 
 def make_sampler(num_samples: int, world_size: int, rank: int, shuffle: bool, seed: int = 0):

@@ -1,8 +1,19 @@
-"""Sharded evaluation whose gathered result equals a single-process evaluation exactly."""
+"""Sharded evaluation whose gathered result equals a single-process evaluation exactly; also
+a command that evaluates saved weights:
 
+    python dist_resnet/evaluate.py runs/NAME                 # or accelerate launch ...
+    python dist_resnet/evaluate.py runs/NAME/checkpoints/step-00000120 --output-dir eval/
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python dist_resnet/evaluate.py` from a clone that was not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,8 +21,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from sklearn.metrics import classification_report, confusion_matrix
 
-from dist_resnet.data import make_sampler, normalize, shard_batches
-from dist_resnet.model import NUM_CLASSES
+from dist_resnet import distributed, plots
+from dist_resnet.data import DataError, ensure_mnist, load_split, make_sampler, normalize, shard_batches
+from dist_resnet.model import NUM_CLASSES, WeightsError, load_model
 
 CLASS_NAMES = [str(c) for c in range(NUM_CLASSES)]
 
@@ -37,6 +49,10 @@ class Evaluation:
         text = classification_report(self.labels, self.predictions, digits=4, **kwargs)
         table = classification_report(self.labels, self.predictions, output_dict=True, **kwargs)
         return text, table
+
+    def mistakes(self, limit: int | None = None) -> np.ndarray:
+        """Test-set indices of the wrong predictions, the first `limit` of them."""
+        return np.flatnonzero(self.labels != self.predictions)[:limit]
 
     def confusion(self) -> np.ndarray:
         return confusion_matrix(self.labels, self.predictions, labels=list(range(NUM_CLASSES)))
@@ -82,3 +98,66 @@ def write_report(evaluation: Evaluation, output_dir: str | Path) -> str:
     (output_dir / "classification_report.txt").write_text(text)
     (output_dir / "classification_report.json").write_text(json.dumps(table, indent=2))
     return text
+
+
+def write_confusion_matrix(evaluation: Evaluation, output_dir: str | Path) -> Path:
+    return plots.plot_confusion_matrix(evaluation.confusion(), Path(output_dir) / "confusion_matrix.png")
+
+
+def run_settings(weights: Path) -> dict:
+    """The training run's config.json beside the weights (a run directory, or the run that
+    holds a checkpoint), so that evaluation uses the same test set and precision."""
+    for folder in (weights if weights.is_dir() else weights.parent, *weights.parents):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dist_resnet/evaluate.py",
+        description="Evaluate saved weights on the MNIST test set: the classification report and "
+        "confusion matrix training writes. Settings default to the run's config.json.")
+    parser.add_argument("weights", type=Path,
+                        help="model.safetensors, a run's output directory, or a checkpoint directory")
+    parser.add_argument("--data-dir", help="default: the run's, else ./data")
+    parser.add_argument("--test-limit", type=int, help="default: the run's (all test images)")
+    parser.add_argument("--batch-size", type=int, help="per process; default: the run's")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                        help="default: the run's, so the report matches training's")
+    parser.add_argument("--output-dir", type=Path, help="default: the weights' directory")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args(argv)
+    if (args.batch_size is not None and args.batch_size <= 0) or (
+            args.test_limit is not None and args.test_limit <= 0):
+        parser.error("--batch-size and --test-limit must be positive")
+    run = run_settings(args.weights)
+    batch_size = args.batch_size or run.get("per_process_batch", 1024)
+    data_dir = args.data_dir or run.get("data_dir", "./data")
+    test_limit = args.test_limit or run.get("test_limit")
+    output_dir = args.output_dir or (args.weights if args.weights.is_dir() else args.weights.parent)
+
+    accelerator = distributed.setup(cpu=args.cpu, mixed_precision=args.mixed_precision or run.get(
+        "resolved_mixed_precision"), log_with=None, project_dir=None, timeout_s=600)
+    try:
+        model = load_model(args.weights).to(accelerator.device)
+        ensure_mnist(data_dir, download=False)
+        images, labels = (t.to(accelerator.device) for t in load_split(data_dir, "test", test_limit))
+        result = evaluate(model, images, labels, accelerator, batch_size)
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            print(write_report(result, output_dir))
+            write_confusion_matrix(result, output_dir)
+            print(f"accuracy {result.accuracy:.4f} on {len(result.labels)} test images; report and "
+                  f"confusion matrix in {output_dir}")
+    except (WeightsError, DataError) as err:
+        if accelerator.is_local_main_process:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown(accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

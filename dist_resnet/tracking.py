@@ -1,31 +1,35 @@
-"""What a run leaves behind for people and tools: config.json, metrics.jsonl, and W&B through
-Accelerate's tracker integration. Everything here writes on the main process only."""
+"""What a run leaves behind for people and tools: config.json, metrics.jsonl, plots, and
+W&B / TensorBoard through Accelerate's tracker integration. Everything here writes on the
+main process only."""
 
+import importlib.util
 import json
 import netrc
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 from accelerate import Accelerator
 
+from dist_resnet import plots
 from dist_resnet.config import Config, config_dict
 
+TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"],
+            "none": []}
+PLOTS = ("confusion_matrix.png", "curves.png", "misclassified.png")
 
-def wandb_log_with(report_to: str) -> str | None:
-    """The `log_with` for the Accelerator, or a clear error when wandb is wanted but absent
-    (GPU images often lack it). wandb itself is imported only when a run uses it."""
-    if report_to != "wandb":
-        return None
-    import importlib.util
 
-    if importlib.util.find_spec("wandb") is None:
-        raise SystemExit(
-            "error: --report-to wandb, but wandb is not installed: `pip install wandb`, "
-            "or pass --report-to none"
-        )
-    return "wandb"
+def log_with(report_to: str) -> list[str] | None:
+    """The Accelerator's `log_with`, or a clear error when a tracker's package is missing (GPU
+    images often lack wandb). The packages themselves are imported only when a run uses them."""
+    for name in TRACKERS[report_to]:
+        if importlib.util.find_spec(name) is None:
+            raise SystemExit(f"error: --report-to {report_to} needs {name}, which is not installed: "
+                             f"`pip install {name}`, or pass --report-to none")
+    return TRACKERS[report_to] or None
 
 
 def has_wandb_credentials() -> bool:
@@ -59,6 +63,8 @@ class RunLog:
         self.accelerator = accelerator
         self.path = output_dir / "metrics.jsonl"
         self.resumed = resume_step is not None
+        # Plots render off the training thread: a slow render must not stall the GPU.
+        self.plotter, self.pending_plots = ThreadPoolExecutor(max_workers=1), None
         if not accelerator.is_main_process:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -74,21 +80,23 @@ class RunLog:
         if not self.accelerator.is_main_process:
             return
         (self.path.parent / "config.json").write_text(json.dumps(values, indent=2) + "\n")
-        if config.report_to != "wandb":
+        trackers = TRACKERS[config.report_to]
+        if not trackers:
             return
         mode = resolve_wandb_mode(config.wandb_mode)
-        wandb_dir = self.path.parent
-        self.accelerator.init_trackers(
-            config.wandb_project,
-            config=values,
-            init_kwargs={"wandb": {"name": config.run_name, "dir": str(wandb_dir), "mode": mode,
-                                   "id": self._wandb_run_id(), "resume": "allow"}},
-        )
-        if mode == "offline":
-            print(
-                f"W&B is offline (no credentials found); sync later with: "
-                f"wandb sync {wandb_dir}/wandb/offline-run-*", flush=True
-            )
+        output_dir = self.path.parent
+        self.accelerator.project_configuration.logging_dir = str(output_dir / "tensorboard")
+        self.accelerator.init_trackers(config.wandb_project, init_kwargs={"wandb": {
+            "name": config.run_name, "dir": str(output_dir), "mode": mode, "id": self._wandb_run_id(),
+            "resume": "allow", "tags": list(config.tags) or None, "notes": config.notes,
+            "group": config.group}})
+        for tracker in self.accelerator.trackers:
+            # TensorBoard's hparams take only scalars and strings.
+            tracker.store_init_configuration(values if tracker.name == "wandb" else {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()})
+        if "wandb" in trackers and mode == "offline":
+            print(f"W&B is offline (no credentials found); sync later with: "
+                  f"wandb sync {output_dir}/wandb/offline-run-*", flush=True)
 
     def _wandb_run_id(self) -> str:
         """One W&B run per output directory: a resumed job continues the run it started."""
@@ -106,15 +114,64 @@ class RunLog:
         self.accelerator.log({f"{event}/{k}": v for k, v in values.items()} | {"epoch": epoch},
                              step=step)
 
-    def log_report(self, report: dict) -> None:
-        """The final classification report, as a W&B Table when W&B is on."""
-        if not self.accelerator.is_main_process or not self.accelerator.trackers:
+    def refresh_plots(self, evaluation, test_images) -> Future | None:
+        """Redraw the plots in the background; a redraw asked for while one is running is
+        skipped (the next evaluation, or the end of the run, draws the newer state)."""
+        if not self.accelerator.is_main_process:
+            return None
+        if self.pending_plots is None or self.pending_plots.done():
+            self.pending_plots = self.plotter.submit(self._draw, evaluation, test_images)
+        return self.pending_plots
+
+    def _draw(self, evaluation, test_images) -> None:
+        output_dir = self.path.parent
+        plots.plot_confusion_matrix(evaluation.confusion(), output_dir / PLOTS[0])
+        plots.plot_curves([json.loads(line) for line in self.path.read_text().splitlines() if line],
+                          output_dir / PLOTS[1])
+        plots.plot_misclassified(test_images, evaluation.labels, evaluation.predictions,
+                                 output_dir / PLOTS[2])
+
+    def finish(self, evaluation, test_images, report_text: str, step: int) -> None:
+        """The final plots, then the report and plots to the trackers."""
+        if not self.accelerator.is_main_process:
             return
+        if self.pending_plots is not None:
+            self.pending_plots.result()
+        self._draw(evaluation, test_images)
+        self.plotter.shutdown()
+        if not self.accelerator.trackers:
+            return
+        self.accelerator.log({"classification_report": report_text}, step=step)
+        images = {name[:-4]: np.asarray(_png(self.path.parent / name)) for name in PLOTS}
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images(images, step=step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                self._wandb_panels(tracker.tracker, evaluation, test_images, images, step)
+
+    @staticmethod
+    def _wandb_panels(run, evaluation, test_images, images: dict, step: int) -> None:
         import wandb
 
+        _, report = evaluation.report()
         rows = [[name, *(row[k] for k in ("precision", "recall", "f1-score", "support"))]
                 for name, row in report.items() if isinstance(row, dict)]
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
-        run.log({"classification_report": wandb.Table(
-            columns=["class", "precision", "recall", "f1-score", "support"], data=rows)})
+        wrong = evaluation.mistakes(36)
+        run.log({
+            "classification_report_table": wandb.Table(
+                columns=["class", "precision", "recall", "f1-score", "support"], data=rows),
+            "confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=evaluation.labels.tolist(), preds=evaluation.predictions.tolist(),
+                class_names=[str(c) for c in range(10)]),
+            "misclassified": [wandb.Image(np.asarray(test_images[i]).squeeze(),
+                                          caption=f"true {evaluation.labels[i]} / pred {evaluation.predictions[i]}")
+                              for i in wrong],
+            **{f"plots/{name}": wandb.Image(array) for name, array in images.items()},
+        }, step=step)
         run.summary["test/accuracy"] = report["accuracy"]
+
+
+def _png(path: Path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)  # bad input exits 2 here, before any process group exists
     accelerator = distributed.setup(
         cpu=config.cpu, mixed_precision=config.mixed_precision,
-        log_with=tracking.wandb_log_with(config.report_to), project_dir=None,
+        # TensorBoard needs a directory at construction; RunLog.start sets the run's own.
+        log_with=tracking.log_with(config.report_to), project_dir=config.output_dir or "runs",
         timeout_s=config.dist_timeout,
     )
     try:
@@ -88,6 +89,7 @@ def train(config: Config, accelerator: Accelerator) -> int:
     set_seed(config.seed)
     (train_images, train_labels), (test_images, test_labels) = load_data(config, accelerator)
     model, optimizer, sync_bn = build(config, accelerator)
+    test_images_host = test_images.cpu()  # for the plots of misclassified images (no copy on CPU)
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.find(config.resume, output_dir) if config.resume else None
     meta = checkpoint.load(accelerator, resume_from, config.widths) if resume_from else {"step": 0}
@@ -118,7 +120,9 @@ def train(config: Config, accelerator: Accelerator) -> int:
             model.train()
             for index in data.shard_batches(sampler, per_process_batch, accelerator.device)[skip:]:
                 # forward / backward / step
-                loss = F.cross_entropy(model(data.normalize(train_images[index])), train_labels[index])
+                images = train_images[index]
+                images = data.random_affine(images) if config.augment else images
+                loss = F.cross_entropy(model(data.normalize(images)), train_labels[index])
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -143,6 +147,7 @@ def train(config: Config, accelerator: Accelerator) -> int:
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 result = evaluate_model(model, test_images, test_labels, accelerator, per_process_batch)
                 run_log.log("eval", step, epoch + 1, test_acc=result.accuracy, test_loss=result.loss)
+                run_log.refresh_plots(result, test_images_host)
                 if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
                     bar.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy "
                               f"{result.accuracy:.4f}, loss {result.loss:.4f}")
@@ -153,7 +158,7 @@ def train(config: Config, accelerator: Accelerator) -> int:
                 return stopped(bar, accelerator, signum, step, output_dir)
     if result is None:  # resumed from the final checkpoint: nothing left to train
         result = evaluate_model(model, test_images, test_labels, accelerator, per_process_batch)
-    finish(result, model, run_log, accelerator, output_dir)
+    finish(result, model, run_log, accelerator, output_dir, step, test_images_host)
     return 0
 
 
@@ -223,12 +228,13 @@ def evaluate_model(model, images, labels, accelerator: Accelerator, batch_size: 
     return evaluate.evaluate(accelerator.unwrap_model(model), images, labels, accelerator, batch_size)
 
 
-def finish(result, model, run_log, accelerator: Accelerator, output_dir: Path) -> None:
-    """Report and weights from the final evaluation, written by rank 0."""
+def finish(result, model, run_log, accelerator: Accelerator, output_dir: Path, step: int,
+           test_images: torch.Tensor) -> None:
+    """Report, plots and weights from the final evaluation, written by rank 0."""
     if accelerator.is_main_process:
         report_text = evaluate.write_report(result, output_dir)
         distributed.print_main(accelerator, report_text)
-        run_log.log_report(result.report()[1])
+        run_log.finish(result, test_images, report_text, step)
     # save_model unwraps DDP (no `module.` prefix) and writes model.safetensors on rank 0.
     accelerator.save_model(model, output_dir)
     accelerator.wait_for_everyone()

@@ -79,7 +79,8 @@ def test_wandb_offline_run_recorded_the_metrics(two_process_run):
     local = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert train_losses == [r["train_loss"] for r in local if r["event"] == "train"]
     assert [row["eval/test_acc"] for row in history if "eval/test_acc" in row][-1] > 0.8
-    assert any("classification_report/_type" in row for row in history)
+    assert any("classification_report_table/_type" in row for row in history)
+    assert any("confusion_matrix_table/_type" in row or "confusion_matrix/_type" in row for row in history)
     config = wandb_records.config(run_file)
     assert config["world_size"] == 2 and config["lr"] == 3e-3
 

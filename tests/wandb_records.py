@@ -63,3 +63,22 @@ def run_file(output_dir: Path) -> Path:
     if len(found) != 1:
         raise AssertionError(f"expected one offline W&B run under {output_dir}, found {found}")
     return found[0]
+
+
+def summary(path: Path) -> dict:
+    values = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
+
+
+def run_info(path: Path) -> dict:
+    """The run record: display name, notes, group, tags, run id."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"run_id": run.run_id, "display_name": run.display_name, "notes": run.notes,
+                    "group": run.run_group, "tags": list(run.tags)}
+    raise AssertionError(f"{path}: no run record")
