@@ -99,3 +99,17 @@ def train_records(out: Path, event: str = "train") -> list[dict]:
         return []
     lines = path.read_text().splitlines()
     return [r for r in (json.loads(line) for line in lines if line.strip()) if r["event"] == event]
+
+
+@pytest.fixture(scope="session")
+def trained_run(mnist_dir, tmp_path_factory) -> Path:
+    """One real 2-process `accelerate launch` training run, shared by the tests that check
+    its outputs (training once keeps the suite short): 4 epochs, W&B offline and TensorBoard."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "4",
+                               "--report-to", "all", "--wandb-mode", "offline", "--run-name", "tracked",
+                               "--tags", "ci,cpu", "--notes", "from the tests", "--group", "suite",
+                               "--output-dir", out)
+    assert result.returncode == 0, describe(result)
+    (out / "launch.log").write_text(result.stdout)
+    return out

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import (TRAIN_PY, accelerate_launch, describe, free_port, run, start, train_records,
+from conftest import (TRAIN_PY, describe, free_port, run, start, train_records,
                       wait_for, worker_pids)
 from dist_resnet.checkpoint import complete_checkpoints
 

@@ -29,19 +29,20 @@ def test_config_loads(name):
     assert got == EXPECTED[name]
 
 
-@pytest.mark.parametrize("name, extra, world_size", [
-    ("single_gpu.yaml", [], 1),
+@pytest.mark.parametrize("name, launch_args, train_args, world_size", [
+    ("single_gpu.yaml", [], ["--augment"], 1),  # and the augmented training path, end to end
     # The 8-GPU config, scaled down to 2 processes: on a machine without CUDA they train on
     # the CPU over gloo (train.py builds its Accelerator with cpu=True there).
-    ("multi_gpu.yaml", ["--num_processes", "2"], 2),
+    ("multi_gpu.yaml", ["--num_processes", "2"], [], 2),
 ])
-def test_gpu_configs_also_run_on_cpu(name, extra, world_size, mnist_dir, tmp_path):
+def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, mnist_dir, tmp_path):
     out = tmp_path / "out"
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  REPO / "launch" / name, *extra, "--main_process_port", free_port(), TRAIN_PY,
+                  REPO / "launch" / name, *launch_args, "--main_process_port", free_port(), TRAIN_PY,
                   "--data-dir", mnist_dir, *QUICK, "--epochs", "1", "--train-limit", "512",
-                  "--report-to", "none", "--output-dir", out])
+                  *train_args, "--report-to", "none", "--output-dir", out])
     assert result.returncode == 0, describe(result)
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == world_size and config["resolved_mixed_precision"] == "bf16"
+    assert config["augment"] == ("--augment" in train_args)
     assert json.loads((out / "classification_report.json").read_text())["macro avg"]["support"] == 301

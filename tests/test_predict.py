@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import QUICK, REPO, TRAIN_PY, describe, run
+from conftest import REPO, describe, run
 from dist_resnet.data import load_split, normalize
 from dist_resnet.model import load_model
 from dist_resnet.predict import main, parse_args, predict_files, to_mnist
@@ -23,12 +23,9 @@ LOSSY = ["rgb", "palette", "large", "jpeg"]
 
 
 @pytest.fixture(scope="module")
-def weights(mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict") / "run"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "4",
-                  "--report-to", "none", "--output-dir", out])
-    assert result.returncode == 0, describe(result)
-    return out
+def weights(trained_run):
+    """The model of the shared training run (conftest.trained_run)."""
+    return trained_run
 
 
 def write_forms(digit: np.ndarray, stem) -> dict:

@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import wandb_records
-from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, describe, run
+from conftest import REPO, describe, run
 from dist_resnet.data import random_affine
 
 EVALUATE_PY = REPO / "dist_resnet" / "evaluate.py"
@@ -19,14 +19,9 @@ PLOTS = ["confusion_matrix.png", "curves.png", "misclassified.png"]
 
 
 @pytest.fixture(scope="module")
-def tracked_run(mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracked") / "out"
-    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "3",
-                               "--augment", "--report-to", "all", "--wandb-mode", "offline",
-                               "--run-name", "tracked", "--tags", "ci,cpu", "--notes", "from the tests",
-                               "--group", "suite", "--output-dir", out)
-    assert result.returncode == 0, describe(result)
-    return out
+def tracked_run(trained_run):
+    """The shared 2-process run (conftest.trained_run): --report-to all, tags, notes, group."""
+    return trained_run
 
 
 def test_wandb_history_and_summary_hold_the_logged_keys(tracked_run):
@@ -37,7 +32,7 @@ def test_wandb_history_and_summary_hold_the_logged_keys(tracked_run):
                 "confusion_matrix_table/_type", "misclassified/_type", "plots/curves/_type"]:
         assert key in keys, key
     eval_steps = [row for row in wandb_records.history(run_file) if "eval/test_acc" in row]
-    assert len(eval_steps) == 3  # one per epoch
+    assert len(eval_steps) == 4  # one per epoch
     summary = wandb_records.summary(run_file)
     report = json.loads((tracked_run / "classification_report.json").read_text())
     assert summary["test/accuracy"] == report["accuracy"]
@@ -54,7 +49,7 @@ def test_tensorboard_event_files_read_back(tracked_run):
     accumulator.Reload()
     tags = accumulator.Tags()
     assert {"train/train_loss", "eval/test_acc", "eval/test_loss"} <= set(tags["scalars"])
-    assert len(accumulator.Scalars("eval/test_acc")) == 3
+    assert len(accumulator.Scalars("eval/test_acc")) == 4
     assert set(tags["images"]) == {"confusion_matrix", "curves", "misclassified"}
     assert "classification_report/text_summary" in tags["tensors"]
 

@@ -8,36 +8,32 @@ import pytest
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import QUICK, TRAIN_PY, accelerate_launch, describe, run
+from conftest import TRAIN_PY, describe, run
 from dist_resnet.model import ResNet
 
 TEST_SIZE = 301
 
 
 @pytest.fixture(scope="module")
-def two_process_run(mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "4",
-                               "--report-to", "wandb", "--wandb-mode", "offline",
-                               "--run-name", "e2e", "--output-dir", out)
-    assert result.returncode == 0, describe(result)
-    return out, result
+def two_process_run(trained_run):
+    """The shared 2-process run (conftest.trained_run) and its console output."""
+    return trained_run, (trained_run / "launch.log").read_text()
 
 
 def test_two_processes_formed_one_group(two_process_run):
-    out, result = two_process_run
+    out, stdout = two_process_run
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["per_process_batch"] == 64
     assert config["batch_size"] == 128 and config["lr"] == 3e-3 and config["widths"] == [8, 16, 32]
     assert config["sync_bn_active"] is False  # CPU: no SyncBatchNorm, said once
-    assert result.stdout.count("BatchNorm is per process (PyTorch has no SyncBatchNorm on CPU)") == 1
+    assert stdout.count("BatchNorm is per process (PyTorch has no SyncBatchNorm on CPU)") == 1
 
 
 def test_only_rank_0_prints(two_process_run):
-    _, result = two_process_run
-    assert result.stdout.count("global batch 128 = 2 x 64 per process") == 1
-    assert result.stdout.count("macro avg") == 1
-    assert result.stdout.count("epoch 1/4: test accuracy") == 1
+    _, stdout = two_process_run
+    assert stdout.count("global batch 128 = 2 x 64 per process") == 1
+    assert stdout.count("macro avg") == 1
+    assert stdout.count("epoch 1/4: test accuracy") == 1
 
 
 def test_report_support_is_exact_and_accuracy_well_above_chance(two_process_run):
