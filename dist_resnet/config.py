@@ -7,8 +7,15 @@ import math
 import os
 from dataclasses import dataclass
 
-# What --debug changes, unless the same option is given explicitly.
+# What --debug and --recipe fast change, unless the same option is given explicitly.
 DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 2048, "test_limit": 1024}
+# The fast recipe: the same model, a one-cycle schedule with a larger peak learning rate,
+# label smoothing, BatchNorm statistics recomputed before each evaluation (their running
+# averages lag far behind the weights this early), and every speed option. Not yet tuned
+# or timed on a GPU: see docs/benchmarks.md.
+FAST_RECIPE = {"batch_size": 512, "epochs": 2, "lr": 4e-3, "schedule": "onecycle",
+               "label_smoothing": 0.1, "bn_recalibrate": 16, "channels_last": True,
+               "compile": True, "mixed_precision": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,16 @@ class Config:
     # optimisation
     epochs: int = 60
     batch_size: int = 2048  # global batch, split evenly over the processes
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate (the peak, with --schedule onecycle)
+    schedule: str = "constant"  # constant|onecycle
+    label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
+    bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
+    recipe: str = "reference"  # reference|fast (see FAST_RECIPE)
+    # speed
+    channels_last: bool = False  # NHWC memory layout (fast with bf16 on tensor cores)
+    compile: bool = False  # torch.compile the model; drops the ragged last batch (static shapes)
+    compile_mode: str = "default"  # default|reduce-overhead (CUDA graphs)|max-autotune
     seed: int = 0
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
@@ -72,6 +87,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(part) for part in text.split(","))
@@ -105,9 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert BatchNorm to SyncBatchNorm when several GPU processes train")
     p.add_argument("--epochs", type=_positive(int), default=None,
                    help=f"passes over the training set (default {defaults.epochs})")
-    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size,
-                   help="global batch size, split evenly over the processes")
-    p.add_argument("--lr", type=_positive(float), default=defaults.lr, help="Adam learning rate")
+    p.add_argument("--batch-size", type=_positive(int), default=None,
+                   help=f"global batch size, split evenly over the processes (default {defaults.batch_size})")
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help=f"Adam learning rate, the peak with --schedule onecycle (default {defaults.lr})")
+    p.add_argument("--schedule", choices=["constant", "onecycle"], default=None,
+                   help="learning-rate schedule (default constant)")
+    p.add_argument("--label-smoothing", type=_fraction, default=None, help="default 0")
+    p.add_argument("--bn-recalibrate", type=_non_negative_int, default=None, metavar="N",
+                   help="before each evaluation, recompute BatchNorm statistics over N training "
+                   "batches (default 0: keep the running averages)")
+    p.add_argument("--recipe", choices=["reference", "fast"], default=defaults.recipe,
+                   help="fast: " + ", ".join(f"{k}={v}" for k, v in FAST_RECIPE.items())
+                   + " (explicit options win)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model; drops the ragged last batch (default off)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                   default=defaults.compile_mode, help="reduce-overhead uses CUDA graphs")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--augment", action="store_true",
                    help="random rotations (±10°), shifts (±10%%) and zooms (±10%%) of each training "
@@ -155,9 +196,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     defaults = Config()
-    for key, debug_value in DEBUG_OVERRIDES.items():
-        if args[key] is None:
-            args[key] = debug_value if args["debug"] else getattr(defaults, key)
+    overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),
+                 **(DEBUG_OVERRIDES if args["debug"] else {})}
+    for key, value in args.items():
+        if value is None and key in overrides:
+            args[key] = overrides[key]
+        elif value is None:
+            args[key] = getattr(defaults, key)
     config = Config(**args)
     if config.resume and config.resume != "auto" and config.output_dir is None:
         parser.error("--resume PATH needs --output-dir (where the continued run writes)")

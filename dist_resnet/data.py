@@ -98,9 +98,10 @@ def _read(path: Path, reader) -> torch.Tensor:
         raise DataError(f"{path}: not a readable MNIST IDX file ({type(err).__name__}: {err})") from None
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 pixels -> standardized floats, done per batch on the device."""
-    return (images.to(dtype) / 255 - MEAN) / STD
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (or 0-255 float) pixels -> standardized floats, done per batch on the device."""
+    out = (images.float() / 255 - MEAN) / STD
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def random_affine(images: torch.Tensor, degrees: float = 10.0, shift: float = 0.1,
@@ -128,12 +129,16 @@ def make_sampler(num_samples: int, world_size: int, rank: int, shuffle: bool, se
     )
 
 
-def shard_batches(sampler: DistributedSampler, batch_size: int, device) -> tuple[torch.Tensor, ...]:
-    """This rank's share of one epoch, as index tensors of at most batch_size on the device.
+def shard_batches(sampler: DistributedSampler, batch_size: int, device,
+                  drop_last: bool = False) -> tuple[torch.Tensor, ...]:
+    """This rank's share of one epoch, as index tensors of at most batch_size on the device
+    (exactly batch_size with drop_last, which drops a ragged last batch).
 
     Every rank gets the same number of batches (the sampler pads), so collectives line up.
     With P processes of batch B/P, batch k of all ranks together is exactly batch k of one
     process of batch B: positions k*B .. (k+1)*B of the same permutation.
     """
     indices = torch.tensor(list(sampler), dtype=torch.long, device=device)
+    if drop_last:
+        indices = indices[: len(indices) // batch_size * batch_size]
     return indices.split(batch_size)

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from dist_resnet import checkpoint, data, distributed, evaluate, tracking
 from dist_resnet.config import Config, parse_config
-from dist_resnet.model import ResNet, convert_sync_bn, count_parameters, should_sync_bn
+from dist_resnet.model import (ResNet, convert_sync_bn, count_parameters, recalibrate_batchnorm,
+                               should_sync_bn)
 
 EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 
@@ -73,14 +74,29 @@ def load_data(config: Config, accelerator: Accelerator):
     return train_set, test_set
 
 
-def build(config: Config, accelerator: Accelerator):
+def build(config: Config, accelerator: Accelerator, total_steps: int):
     net = ResNet(config.widths)
     sync_bn = should_sync_bn(config.sync_bn, accelerator.num_processes, accelerator.device.type)
     if sync_bn:
         net = convert_sync_bn(net)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    on_gpu = accelerator.device.type == "cuda"
+    torch.backends.cudnn.benchmark = on_gpu  # the shapes are fixed: pick the fastest kernels once
+    # Fused Adam: one kernel for all parameters instead of several per tensor (CUDA only).
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=on_gpu)
+    # The schedule steps once per optimizer step, so it is not handed to accelerate.prepare
+    # (whose wrapper steps it once per process); it is checkpointed all the same.
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+                 if config.schedule == "onecycle" else None)
     model, optimizer = accelerator.prepare(net, optimizer)
-    return model, optimizer, sync_bn
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)
+    # The compiled module only runs the training step. Never hand it to accelerate: its
+    # unwrap_model (keep_torch_compile=True) re-points a compiled module's _orig_mod at the
+    # model inside DDP, and the steps after that would silently skip the gradient all-reduce.
+    forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
+    return model, forward, optimizer, scheduler, sync_bn
 
 
 def train(config: Config, accelerator: Accelerator) -> int:
@@ -88,7 +104,12 @@ def train(config: Config, accelerator: Accelerator) -> int:
     per_process_batch = config.batch_size // world_size
     set_seed(config.seed)
     (train_images, train_labels), (test_images, test_labels) = load_data(config, accelerator)
-    model, optimizer, sync_bn = build(config, accelerator)
+    sampler = data.make_sampler(len(train_labels), world_size, rank, shuffle=True, seed=config.seed)
+    # A compiled model wants static shapes: the ragged last batch is dropped then.
+    drop_last = config.compile
+    steps_per_epoch = (sampler.num_samples // per_process_batch if drop_last
+                       else math.ceil(sampler.num_samples / per_process_batch))
+    model, forward, optimizer, scheduler, sync_bn = build(config, accelerator, config.epochs * steps_per_epoch)
     test_images_host = test_images.cpu()  # for the plots of misclassified images (no copy on CPU)
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.find(config.resume, output_dir) if config.resume else None
@@ -104,8 +125,6 @@ def train(config: Config, accelerator: Accelerator) -> int:
     announce(config, accelerator, per_process_batch, sync_bn, len(train_labels), resume_from)
     stop = distributed.StopRequest(config.dist_timeout)
 
-    sampler = data.make_sampler(len(train_labels), world_size, rank, shuffle=True, seed=config.seed)
-    steps_per_epoch = math.ceil(sampler.num_samples / per_process_batch)
     step, result, signum = meta["step"], None, 0
     window = LossWindow(accelerator, meta.get("window"))
     save = partial(save_checkpoint, accelerator, config, window, steps_per_epoch)
@@ -118,13 +137,17 @@ def train(config: Config, accelerator: Accelerator) -> int:
         for epoch in range(first_epoch, config.epochs):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
             model.train()
-            for index in data.shard_batches(sampler, per_process_batch, accelerator.device)[skip:]:
+            batches = data.shard_batches(sampler, per_process_batch, accelerator.device, drop_last)
+            for index in batches[skip:]:
                 # forward / backward / step
                 images = train_images[index]
                 images = data.random_affine(images) if config.augment else images
-                loss = F.cross_entropy(model(data.normalize(images)), train_labels[index])
+                logits = forward(data.normalize(images, channels_last=config.channels_last))
+                loss = F.cross_entropy(logits, train_labels[index], label_smoothing=config.label_smoothing)
                 accelerator.backward(loss)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window.add(loss, len(index) * world_size)
@@ -145,6 +168,7 @@ def train(config: Config, accelerator: Accelerator) -> int:
             skip = 0
             # evaluate
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                recalibrate(model, config, train_images, batches, accelerator)
                 result = evaluate_model(model, test_images, test_labels, accelerator, per_process_batch)
                 run_log.log("eval", step, epoch + 1, test_acc=result.accuracy, test_loss=result.loss)
                 run_log.refresh_plots(result, test_images_host)
@@ -221,6 +245,15 @@ def stopped(bar: tqdm, accelerator: Accelerator, signum: int, step: int, output_
         accelerator, f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved "
         f"in {checkpoint.checkpoint_dir(output_dir)}. Continue with: --resume auto --output-dir {output_dir}")
     return 0
+
+
+def recalibrate(model, config: Config, images: torch.Tensor, batches, accelerator: Accelerator) -> None:
+    """--bn-recalibrate: BatchNorm statistics from this epoch's first batches, not the lagging
+    running averages (every rank takes part: SyncBatchNorm all-reduces)."""
+    if config.bn_recalibrate:
+        batches = [data.normalize(images[index], channels_last=config.channels_last)
+                   for index in batches[:config.bn_recalibrate]]
+        recalibrate_batchnorm(accelerator.unwrap_model(model), batches)
 
 
 def evaluate_model(model, images, labels, accelerator: Accelerator, batch_size: int):

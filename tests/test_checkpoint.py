@@ -16,8 +16,9 @@ from conftest import (TRAIN_PY, describe, free_port, run, start, train_records,
                       wait_for, worker_pids)
 from dist_resnet.checkpoint import complete_checkpoints
 
-# 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps.
-ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--train-limit", "960",
+# 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps; a one-cycle
+# schedule, so that resume must restore the scheduler too.
+ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--schedule", "onecycle", "--train-limit", "960",
         "--test-limit", "128", "--epochs", "4", "--log-every", "1", "--checkpoint-every", "4",
         "--no-download"]
 TOTAL_STEPS = 60

@@ -1,0 +1,64 @@
+"""The speed and fast-recipe options, on CPU: they change what they say and keep the run
+correct. (Their speed is measured by `python -m dist_resnet.bench`, never asserted here.)"""
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUICK, TRAIN_PY, describe, run
+from dist_resnet.config import FAST_RECIPE, parse_config
+from dist_resnet.model import recalibrate_batchnorm
+
+
+def test_recalibrated_statistics_are_the_plain_average_over_the_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    model[1].running_mean.fill_(5.0)  # stale, as after fast-changing weights
+    model.eval()
+    batches = [torch.randn(8, 1, 6, 6) * (i + 1) + i for i in range(4)]
+    with torch.no_grad():
+        outputs = [model[0](b) for b in batches]
+    recalibrate_batchnorm(model, batches)
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var((0, 2, 3)) for o in outputs]).mean(0)  # unbiased, as BatchNorm keeps
+    torch.testing.assert_close(model[1].running_mean, expected_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, expected_var, rtol=1e-5, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training  # momentum and mode restored
+
+
+def test_fast_recipe_fills_what_is_not_given(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fast = parse_config(["--recipe", "fast"])
+    assert {k: getattr(fast, k) for k in FAST_RECIPE} == FAST_RECIPE
+    mine = parse_config(["--recipe", "fast", "--no-compile", "--epochs", "3", "--lr", "0.01"])
+    assert (mine.compile, mine.epochs, mine.lr, mine.schedule) == (False, 3, 0.01, "onecycle")
+    assert parse_config([]).schedule == "constant" and not parse_config([]).compile
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "x"])
+def test_label_smoothing_must_be_a_fraction(value, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--label-smoothing", value])
+    assert exit_info.value.code == 2
+
+
+def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path):
+    """One-cycle schedule, label smoothing, channels-last, BatchNorm recalibration: the
+    schedule is the one asked for and the run still learns."""
+    out = tmp_path / "out"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--lr", "1e-2",
+                  "--epochs", "3", "--log-every", "1", "--schedule", "onecycle",
+                  "--label-smoothing", "0.1", "--channels-last", "--bn-recalibrate", "4",
+                  "--report-to", "none", "--output-dir", out])
+    assert result.returncode == 0, describe(result)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["event"] == "train"]
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < 1e-2 / 5 and lrs[-1] < 1e-4 and 0 < peak < len(lrs) - 1  # warm up, then anneal
+    assert max(lrs) == pytest.approx(1e-2, rel=0.05)
+    report = json.loads((out / "classification_report.json").read_text())
+    assert report["accuracy"] > 0.8
