@@ -63,38 +63,29 @@ class Config:
     debug: bool = False
 
 
-def _positive(kind):
+def _number(kind, accept, expected: str):
+    """An argparse type: the text as `kind`, refused unless accept(value)."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = expected
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+def _positive(kind):
+    expected = "a positive whole number" if kind is int else "a positive finite number"
+    return _number(kind, lambda v: v > 0 and math.isfinite(v), expected)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _widths(text: str) -> tuple[int, ...]:

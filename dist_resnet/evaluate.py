@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from sklearn.metrics import classification_report, confusion_matrix
 
-from dist_resnet import distributed, plots
+from dist_resnet import distributed
 from dist_resnet.data import DataError, ensure_mnist, load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import NUM_CLASSES, WeightsError, load_model
 
@@ -101,6 +101,8 @@ def write_report(evaluation: Evaluation, output_dir: str | Path) -> str:
 
 
 def write_confusion_matrix(evaluation: Evaluation, output_dir: str | Path) -> Path:
+    from dist_resnet import plots  # matplotlib only when drawing: bare GPU images may lack it
+
     return plots.plot_confusion_matrix(evaluation.confusion(), Path(output_dir) / "confusion_matrix.png")
 
 

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 import numpy as np
 from accelerate import Accelerator
 
-from dist_resnet import plots
 from dist_resnet.config import Config, config_dict
 
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"],
@@ -65,6 +64,7 @@ class RunLog:
         self.resumed = resume_step is not None
         # Plots render off the training thread: a slow render must not stall the GPU.
         self.plotter, self.pending_plots = ThreadPoolExecutor(max_workers=1), None
+        self.said_no_plots = False
         if not accelerator.is_main_process:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,14 @@ class RunLog:
         return self.pending_plots
 
     def _draw(self, evaluation, test_images) -> None:
+        if importlib.util.find_spec("matplotlib") is None:
+            # Bare GPU images often lack matplotlib; the run must not fail for a picture.
+            if not self.said_no_plots:
+                print("matplotlib is not installed: no plots (`pip install matplotlib`)", flush=True)
+                self.said_no_plots = True
+            return
+        from dist_resnet import plots
+
         output_dir = self.path.parent
         plots.plot_confusion_matrix(evaluation.confusion(), output_dir / PLOTS[0])
         plots.plot_curves([json.loads(line) for line in self.path.read_text().splitlines() if line],
@@ -142,7 +150,8 @@ class RunLog:
         if not self.accelerator.trackers:
             return
         self.accelerator.log({"classification_report": report_text}, step=step)
-        images = {name[:-4]: np.asarray(_png(self.path.parent / name)) for name in PLOTS}
+        images = {name[:-4]: np.asarray(_png(self.path.parent / name)) for name in PLOTS
+                  if (self.path.parent / name).exists()}
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images(images, step=step, dataformats="HWC")

@@ -68,5 +68,5 @@ def test_global_batch_must_split_evenly(world_size, batch_size, capsys, monkeypa
 def test_cli_rejects_bad_input_before_any_work():
     result = run([sys.executable, TRAIN_PY, "--lr", "-1"], timeout=120)
     assert result.returncode == 2, describe(result)
-    assert "argument --lr: must be positive and finite" in result.stderr
+    assert "argument --lr: expected a positive finite number" in result.stderr
     assert "Traceback" not in result.stderr

@@ -55,7 +55,7 @@ def test_two_nodes_train_one_run(slurm_cluster, mnist_dir, tmp_path):
 def test_arguments_reach_train_py_and_errors_fail_the_job(slurm_cluster, tmp_path):
     result, log = submit(slurm_cluster, tmp_path, "--lr", "-1")
     assert result.returncode != 0
-    assert "argument --lr: must be positive" in log
+    assert "argument --lr: expected a positive finite number" in log
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, mnist_dir, tmp_path):

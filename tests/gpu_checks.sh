@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every check and measurement that needs a GPU, in one run, for a session lent a GPU machine
+# (docs/gpu-checks.md, docs/benchmarks.md). From the repository root, MNIST in $DATA_DIR:
+#   bash tests/gpu_checks.sh OUT_DIR
+# Runs from the checkout without installing it; --report-to none, since GPU images often lack
+# wandb. Each step's log, JSON and outputs land in OUT_DIR; a summary is printed at the end.
+set -uo pipefail
+OUT=${1:-gpu-results}
+DATA=${DATA_DIR:-.mnist}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{
+    date -Is
+    git rev-parse HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'accelerate', accelerate.__version__)"
+} > "$OUT/provenance.txt" 2>&1
+
+step() {  # step NAME COMMAND...: run it, keep its log, print its exit status and wall time
+    local name=$1 start=$SECONDS
+    shift
+    "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+}
+
+TRAIN=(python dist_resnet/train.py --data-dir "$DATA" --no-download --report-to none)
+FAST_FLAGS=(--mixed-precision bf16 --channels-last --compile)
+
+step sync_bn torchrun --standalone --nproc_per_node 2 tests/sync_bn_check.py --out "$OUT/sync_bn.json"
+step bench_2048 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --json-out "$OUT/bench_2048.jsonl"
+step bench_256 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --batch-size 256 \
+    --json-out "$OUT/bench_256.jsonl"
+step default_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --output-dir "$OUT/default_recipe"
+step fast_recipe "${TRAIN[@]}" --recipe fast --output-dir "$OUT/fast_recipe"
+step augment_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --augment --schedule onecycle --lr 4e-3 \
+    --epochs 30 --bn-recalibrate 16 --output-dir "$OUT/augment_recipe"
+
+for run in default_recipe fast_recipe augment_recipe; do
+    python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'test accuracy', r['accuracy'])" \
+        "$OUT/$run/classification_report.json" "$run" 2>/dev/null | tee -a "$OUT/summary.txt"
+done
+cat "$OUT/sync_bn.json" 2>/dev/null | tee -a "$OUT/summary.txt"
