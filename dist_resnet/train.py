@@ -193,7 +193,7 @@ class LossWindow:
     def __init__(self, accelerator: Accelerator, state: dict | None = None):
         self.accelerator = accelerator
         self.loss_sum = torch.zeros((), device=accelerator.device)
-        self.steps, self.images, self.first_step = 0, 0, None
+        self.steps, self.images = 0, 0
         if state:  # a resumed run continues the window its checkpoint was taken in
             self.loss_sum += state["loss_sum"]
             self.steps, self.images = state["steps"], state["images"]
