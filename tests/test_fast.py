@@ -51,7 +51,7 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path):
     schedule is the one asked for and the run still learns."""
     out = tmp_path / "out"
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--lr", "1e-2",
-                  "--epochs", "3", "--log-every", "1", "--schedule", "onecycle",
+                  "--epochs", "3", "--train-limit", "2048", "--log-every", "1", "--schedule", "onecycle",
                   "--label-smoothing", "0.1", "--channels-last", "--bn-recalibrate", "4",
                   "--report-to", "none", "--output-dir", out])
     assert result.returncode == 0, describe(result)
