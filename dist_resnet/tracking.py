@@ -19,6 +19,7 @@ from dist_resnet.config import Config, config_dict
 TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"],
             "none": []}
 PLOTS = ("confusion_matrix.png", "curves.png", "misclassified.png")
+MISCLASSIFIED_SHOWN = 36  # in misclassified.png and in the W&B panel alike
 
 
 def log_with(report_to: str) -> list[str] | None:
@@ -63,7 +64,7 @@ class RunLog:
         self.path = output_dir / "metrics.jsonl"
         self.resumed = resume_step is not None
         # Plots render off the training thread: a slow render must not stall the GPU.
-        self.plotter, self.pending_plots = ThreadPoolExecutor(max_workers=1), None
+        self.plotter, self.pending_plots, self.pending_for = ThreadPoolExecutor(max_workers=1), None, None
         self.said_no_plots = False
         if not accelerator.is_main_process:
             return
@@ -121,6 +122,7 @@ class RunLog:
             return None
         if self.pending_plots is None or self.pending_plots.done():
             self.pending_plots = self.plotter.submit(self._draw, evaluation, test_images)
+            self.pending_for = evaluation
         return self.pending_plots
 
     def _draw(self, evaluation, test_images) -> None:
@@ -137,7 +139,7 @@ class RunLog:
         plots.plot_curves([json.loads(line) for line in self.path.read_text().splitlines() if line],
                           output_dir / PLOTS[1])
         plots.plot_misclassified(test_images, evaluation.labels, evaluation.predictions,
-                                 output_dir / PLOTS[2])
+                                 output_dir / PLOTS[2], max_images=MISCLASSIFIED_SHOWN)
 
     def finish(self, evaluation, test_images, report_text: str, step: int) -> None:
         """The final plots, then the report and plots to the trackers."""
@@ -145,7 +147,8 @@ class RunLog:
             return
         if self.pending_plots is not None:
             self.pending_plots.result()
-        self._draw(evaluation, test_images)
+        if self.pending_for is not evaluation:  # the last evaluation's plots are drawn already
+            self._draw(evaluation, test_images)
         self.plotter.shutdown()
         if not self.accelerator.trackers:
             return
@@ -165,7 +168,7 @@ class RunLog:
         _, report = evaluation.report()
         rows = [[name, *(row[k] for k in ("precision", "recall", "f1-score", "support"))]
                 for name, row in report.items() if isinstance(row, dict)]
-        wrong = evaluation.mistakes(36)
+        wrong = evaluation.mistakes(MISCLASSIFIED_SHOWN)
         run.log({
             "classification_report_table": wandb.Table(
                 columns=["class", "precision", "recall", "f1-score", "support"], data=rows),
