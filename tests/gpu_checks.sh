@@ -30,6 +30,10 @@ step sync_bn torchrun --standalone --nproc_per_node 2 tests/sync_bn_check.py --o
 step bench_2048 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --json-out "$OUT/bench_2048.jsonl"
 step bench_256 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --batch-size 256 \
     --json-out "$OUT/bench_256.jsonl"
+step host_syncs python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs" \
+    --out "$OUT/host_syncs.json"
+step host_syncs_fast python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs_fast" \
+    --out "$OUT/host_syncs_fast.json" "${FAST_FLAGS[@]}"
 step default_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --output-dir "$OUT/default_recipe"
 step fast_recipe "${TRAIN[@]}" --recipe fast --output-dir "$OUT/fast_recipe"
 step augment_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --augment --schedule onecycle --lr 4e-3 \
@@ -39,4 +43,4 @@ for run in default_recipe fast_recipe augment_recipe; do
     python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'test accuracy', r['accuracy'])" \
         "$OUT/$run/classification_report.json" "$run" 2>/dev/null | tee -a "$OUT/summary.txt"
 done
-cat "$OUT/sync_bn.json" 2>/dev/null | tee -a "$OUT/summary.txt"
+cat "$OUT/sync_bn.json" "$OUT"/host_syncs*.json 2>/dev/null | tee -a "$OUT/summary.txt"
