@@ -48,7 +48,7 @@ from torchvision.datasets import MNIST
 from torchvision.transforms import ToTensor
 
 from dist_resnet import data
-from dist_resnet.config import _positive, _widths
+from dist_resnet.config import channel_widths, positive
 from dist_resnet.model import REFERENCE_WIDTHS, ResNet
 
 LR = 1e-3  # the reference's Adam learning rate, as in train.py
@@ -111,11 +111,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--data-dir", default=None,
                    help="MNIST in torchvision's layout (DATA_DIR/MNIST/raw/*-ubyte); without it, "
                    "synthetic MNIST-format data that measures speed only")
-    p.add_argument("--batch-size", type=_positive(int), default=None, help="default 2048 (--quick 256)")
-    p.add_argument("--widths", type=_widths, default=None, help="default 32,64,128 (--quick 8,16,32)")
-    p.add_argument("--steps", type=_positive(int), default=None,
+    p.add_argument("--batch-size", type=positive(int), default=None, help="default 2048 (--quick 256)")
+    p.add_argument("--widths", type=channel_widths, default=None, help="default 32,64,128 (--quick 8,16,32)")
+    p.add_argument("--steps", type=positive(int), default=None,
                    help="timed steps per configuration (default: 50 on CUDA, 10 on CPU, --quick 3)")
-    p.add_argument("--warmup", type=_positive(int), default=None,
+    p.add_argument("--warmup", type=positive(int), default=None,
                    help="untimed steps first, compilation included "
                    "(default: 10 on CUDA, 2 on CPU, --quick 1)")
     p.add_argument("--configs", default=None,
@@ -125,10 +125,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    + ", synthetic data unless --data-dir, compiled configs skipped on CPU "
                    "unless named in --configs")
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
-    p.add_argument("--time-to-accuracy", type=_positive(float), default=None, metavar="TARGET",
+    p.add_argument("--time-to-accuracy", type=positive(float), default=None, metavar="TARGET",
                    help="also train each configuration from scratch, epoch by epoch, until the test "
                    "accuracy reaches TARGET (e.g. 0.99); needs MNIST in --data-dir")
-    p.add_argument("--max-epochs", type=_positive(int), default=10,
+    p.add_argument("--max-epochs", type=positive(int), default=10,
                    help="epochs --time-to-accuracy may train before giving up")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

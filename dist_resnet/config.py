@@ -79,7 +79,8 @@ def _number(kind, accept, expected: str):
     return parse
 
 
-def _positive(kind):
+def positive(kind):
+    """An argparse type for a positive int or finite float (shared with the benchmark)."""
     expected = "a positive whole number" if kind is int else "a positive finite number"
     return _number(kind, lambda v: v > 0 and math.isfinite(v), expected)
 
@@ -88,7 +89,8 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def _widths(text: str) -> tuple[int, ...]:
+def channel_widths(text: str) -> tuple[int, ...]:
+    """An argparse type for --widths: "32,64,128" -> (32, 64, 128)."""
     try:
         widths = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -111,19 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing MNIST files")
-    p.add_argument("--train-limit", type=_positive(int), default=None,
+    p.add_argument("--train-limit", type=positive(int), default=None,
                    help="train on the first N images only")
-    p.add_argument("--test-limit", type=_positive(int), default=None,
+    p.add_argument("--test-limit", type=positive(int), default=None,
                    help="evaluate on the first N test images only")
-    p.add_argument("--widths", type=_widths, default=None,
+    p.add_argument("--widths", type=channel_widths, default=None,
                    help=f"channels per residual block (default {','.join(map(str, defaults.widths))})")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=defaults.sync_bn,
                    help="convert BatchNorm to SyncBatchNorm when several GPU processes train")
-    p.add_argument("--epochs", type=_positive(int), default=None,
+    p.add_argument("--epochs", type=positive(int), default=None,
                    help=f"passes over the training set (default {defaults.epochs})")
-    p.add_argument("--batch-size", type=_positive(int), default=None,
+    p.add_argument("--batch-size", type=positive(int), default=None,
                    help=f"global batch size, split evenly over the processes (default {defaults.batch_size})")
-    p.add_argument("--lr", type=_positive(float), default=None,
+    p.add_argument("--lr", type=positive(float), default=None,
                    help=f"Adam learning rate, the peak with --schedule onecycle (default {defaults.lr})")
     p.add_argument("--schedule", choices=["constant", "onecycle"], default=None,
                    help="learning-rate schedule (default constant)")
@@ -147,18 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: what `accelerate launch` / `accelerate config` set, else no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--dist-timeout", type=_positive(float), default=defaults.dist_timeout,
+    p.add_argument("--dist-timeout", type=positive(float), default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=defaults.checkpoint_every,
                    help="also checkpoint every N steps within an epoch (0: only at epoch ends)")
-    p.add_argument("--keep-checkpoints", type=_positive(int), default=defaults.keep_checkpoints,
+    p.add_argument("--keep-checkpoints", type=positive(int), default=defaults.keep_checkpoints,
                    help="how many of the newest checkpoints to keep")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in the output directory (auto; a "
                    "fresh start when there is none) or from the checkpoint directory PATH")
-    p.add_argument("--eval-every", type=_positive(int), default=defaults.eval_every,
+    p.add_argument("--eval-every", type=positive(int), default=defaults.eval_every,
                    help="evaluate every N epochs (and always after the last)")
-    p.add_argument("--log-every", type=_positive(int), default=defaults.log_every,
+    p.add_argument("--log-every", type=positive(int), default=defaults.log_every,
                    help="report the training loss every N steps")
     p.add_argument("--output-dir", default=None, help="default: runs/<run name>")
     p.add_argument("--run-name", default=None, help="default: the start time, YYYYmmdd-HHMMSS")
