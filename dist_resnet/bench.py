@@ -3,6 +3,8 @@ notebook's loop measured in the same run.
 
     python -m dist_resnet.bench --quick                        # CPU smoke run, seconds
     python -m dist_resnet.bench --device cuda --data-dir data --time-to-accuracy 0.99
+    python -m dist_resnet.bench --device cuda --data-dir data --time-to-accuracy 0.99 --recipe fast \
+        --configs compiled          # train.py --recipe fast's optimisation, timed without compiling
 
 Output: one JSON object per configuration on stdout (and in --json-out FILE), printed as
 each configuration finishes, so `| jq` and files get pure JSON lines; progress messages and
@@ -48,8 +50,8 @@ from torchvision.datasets import MNIST
 from torchvision.transforms import ToTensor
 
 from dist_resnet import data
-from dist_resnet.config import channel_widths, positive
-from dist_resnet.model import REFERENCE_WIDTHS, ResNet
+from dist_resnet.config import FAST_RECIPE, channel_widths, positive
+from dist_resnet.model import REFERENCE_WIDTHS, ResNet, recalibrate_batchnorm
 
 LR = 1e-3  # the reference's Adam learning rate, as in train.py
 
@@ -98,6 +100,7 @@ class Settings:
     json_out: str | None
     time_to_accuracy: float | None  # target test accuracy; None: not measured
     max_epochs: int  # epochs time_to_accuracy may train
+    optimisation: str  # how time_to_accuracy trains: reference (Adam 1e-3) or fast (FAST_RECIPE)
     seed: int
 
 
@@ -128,8 +131,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--time-to-accuracy", type=positive(float), default=None, metavar="TARGET",
                    help="also train each configuration from scratch, epoch by epoch, until the test "
                    "accuracy reaches TARGET (e.g. 0.99); needs MNIST in --data-dir")
-    p.add_argument("--max-epochs", type=positive(int), default=10,
-                   help="epochs --time-to-accuracy may train before giving up")
+    p.add_argument("--max-epochs", type=positive(int), default=None,
+                   help="epochs --time-to-accuracy may train before giving up (default 10; "
+                   f"--recipe fast: its {FAST_RECIPE['epochs']}, the length of its one-cycle schedule)")
+    p.add_argument("--recipe", choices=["reference", "fast"], default="reference",
+                   help="how --time-to-accuracy trains: reference (Adam, lr 1e-3) or train.py's "
+                   "--recipe fast (one-cycle to lr {lr}, label smoothing {label_smoothing}, BatchNorm "
+                   "statistics recomputed over {bn_recalibrate} batches before each evaluation, "
+                   "batch {batch_size} unless --batch-size)".format(**FAST_RECIPE))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -144,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = [n for n in named if n not in RECIPES]
     if unknown:
         p.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-    defaults = QUICK if args.quick else {"widths": REFERENCE_WIDTHS, "batch_size": 2048,
+    defaults = QUICK if args.quick else {"widths": REFERENCE_WIDTHS,
+                                         "batch_size": FAST_RECIPE["batch_size"] if args.recipe == "fast" else 2048,
                                          "steps": 50 if device == "cuda" else 10,
                                          "warmup": 10 if device == "cuda" else 2}
     given = {k: getattr(args, k) for k in defaults}
@@ -154,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         # The baseline always runs, first: every other figure is also a ratio to it.
         recipes=tuple(r for r in RECIPES.values() if r.name == "notebook" or not named or r.name in named),
         named=frozenset(named), quick=args.quick, json_out=args.json_out,
-        time_to_accuracy=args.time_to_accuracy, max_epochs=args.max_epochs, seed=args.seed,
+        time_to_accuracy=args.time_to_accuracy, seed=args.seed, optimisation=args.recipe,
+        max_epochs=args.max_epochs or (FAST_RECIPE["epochs"] if args.recipe == "fast" else 10),
     )
 
 
@@ -225,6 +236,9 @@ class NotebookBatches:
                                  drop_last=True, generator=torch.Generator().manual_seed(seed))
         self.device = device
 
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
     def epoch(self, epoch: int):
         for images, labels in self.loader:  # a fresh shuffle each pass
             yield images.to(self.device), labels.to(self.device)
@@ -236,6 +250,9 @@ class DeviceBatches:
     def __init__(self, images, labels, batch_size: int, recipe: Recipe, seed: int):
         self.images, self.labels, self.batch_size, self.recipe = images, labels, batch_size, recipe
         self.sampler = data.make_sampler(len(labels), world_size=1, rank=0, shuffle=True, seed=seed)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.labels) // self.batch_size  # drop_last, as below
 
     def epoch(self, epoch: int):
         self.sampler.set_epoch(epoch)
@@ -266,18 +283,21 @@ def build(recipe: Recipe, widths, device: torch.device, seed: int):
     return model, forward, make_optimizer(model, device)
 
 
-def make_optimizer(model, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model, device: torch.device, lr: float = LR) -> torch.optim.Optimizer:
     # Fused Adam: one kernel for all parameters instead of several per parameter tensor.
-    return torch.optim.Adam(model.parameters(), lr=LR, fused=True if device.type == "cuda" else None)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True if device.type == "cuda" else None)
 
 
-def train_step(forward, optimizer, recipe: Recipe, device: torch.device, images, labels) -> torch.Tensor:
+def train_step(forward, optimizer, recipe: Recipe, device: torch.device, images, labels,
+               scheduler=None, label_smoothing: float = 0.0) -> torch.Tensor:
     if recipe.cuda_graphs:  # tells CUDA-graph trees that the previous iteration's outputs are dead
         torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
-        loss = F.cross_entropy(forward(images), labels)
+        loss = F.cross_entropy(forward(images), labels, label_smoothing=label_smoothing)
     loss.backward()
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()  # no .item(): reading it would make the host wait for the device
 
@@ -361,15 +381,26 @@ def accuracy(model, recipe: Recipe, images, labels, batch_size: int) -> float:
 def time_to_accuracy(model, forward, recipe, batches, test, initial_state, settings, device) -> dict:
     """Training seconds, from the initial weights, until the test accuracy reaches the target.
     The compiled code from the warm-up is reused (load_state_dict copies in place, so CUDA
-    graphs keep their addresses); evaluation after each epoch is not timed."""
+    graphs keep their addresses); evaluation after each epoch is not timed. With the fast
+    optimisation, the BatchNorm recalibration before each evaluation is part of the recipe and
+    is timed."""
     model.load_state_dict(initial_state)
-    step = partial(train_step, forward, make_optimizer(model, device), recipe, device)
+    fast = settings.optimisation == "fast"
+    optimizer = make_optimizer(model, device, FAST_RECIPE["lr"] if fast else LR)
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=FAST_RECIPE["lr"], total_steps=settings.max_epochs * batches.steps_per_epoch())
+        if fast else None)
+    step = partial(train_step, forward, optimizer, recipe, device, scheduler=scheduler,
+                   label_smoothing=FAST_RECIPE["label_smoothing"] if fast else 0.0)
     trained_s, history = 0.0, []
     for epoch in range(settings.max_epochs):
         synchronize(device)
         start = time.perf_counter()
         for images, labels in batches.epoch(epoch):
             step(images, labels)
+        if fast:
+            recalibrate_batchnorm(model, (images for images, _ in itertools.islice(
+                batches.epoch(epoch), FAST_RECIPE["bn_recalibrate"])))
         synchronize(device)
         trained_s += time.perf_counter() - start
         history.append(round(accuracy(model, recipe, *test, settings.batch_size), 4))
@@ -378,7 +409,8 @@ def time_to_accuracy(model, forward, recipe, batches, test, initial_state, setti
     reached = history[-1] >= settings.time_to_accuracy
     return {"target": settings.time_to_accuracy, "seconds": round(trained_s, 3) if reached else None,
             "epochs": len(history) if reached else None, "best_accuracy": max(history),
-            "accuracy_per_epoch": history, "max_epochs": settings.max_epochs}
+            "accuracy_per_epoch": history, "max_epochs": settings.max_epochs,
+            "optimisation": settings.optimisation}
 
 
 def run_recipe(recipe: Recipe, settings: Settings, device: torch.device, data_dir: Path) -> dict:

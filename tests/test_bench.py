@@ -9,6 +9,7 @@ import torch
 
 from conftest import describe, run
 from dist_resnet import bench, data
+from dist_resnet.config import FAST_RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,24 @@ def test_time_to_accuracy_reports_the_epochs(mnist_dir, one_thread, target):
         assert result["seconds"] > 0 and result["epochs"] == 1
     else:
         assert result["seconds"] is None and result["epochs"] is None
+
+
+def test_time_to_accuracy_with_the_fast_recipe(mnist_dir, one_thread):
+    """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, and
+    BatchNorm statistics recomputed before each evaluation (here over the 2 batches there are)."""
+    settings = bench.parse_args(["--device", "cpu", "--data-dir", str(mnist_dir), "--widths", "4,4,4",
+                                 "--batch-size", "256", "--time-to-accuracy", "1.0", "--recipe", "fast"])
+    assert settings.optimisation == "fast" and settings.max_epochs == FAST_RECIPE["epochs"]
+    assert bench.parse_args(["--recipe", "fast", "--device", "cpu"]).batch_size == FAST_RECIPE["batch_size"]
+    recipe, cpu = bench.RECIPES["eager_fp32"], torch.device("cpu")
+    model, forward, _ = bench.build(recipe, settings.widths, cpu, seed=0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = bench.DeviceBatches(*data.load_split(mnist_dir, "train", limit=512), 256, recipe, seed=0)
+    result = bench.time_to_accuracy(model, forward, recipe, batches, data.load_split(mnist_dir, "test"),
+                                    initial, settings, cpu)
+    assert result["optimisation"] == "fast" and result["seconds"] is None  # 100% is never reached
+    assert len(result["accuracy_per_epoch"]) == FAST_RECIPE["epochs"]
+    # the recalibrated statistics are the plain average over those 2 batches, not a running one
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm.num_batches_tracked.item() == 2
+
