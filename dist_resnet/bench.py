@@ -64,6 +64,7 @@ class Recipe:
     bf16: bool = False  # bf16 autocast
     channels_last: bool = False  # NHWC model and inputs, the layout bf16 convolutions want
     compile_mode: str | None = None  # torch.compile mode; None: eager
+    augment: bool = False  # train.py --augment: a random affine transform of each training batch
 
     @property
     def cuda_graphs(self) -> bool:
@@ -80,6 +81,8 @@ RECIPES = {r.name: r for r in (
            bf16=True, channels_last=True, compile_mode="default"),
     Recipe("compiled_cudagraphs", "compiled with mode='reduce-overhead' (CUDA graphs)",
            bf16=True, channels_last=True, compile_mode="reduce-overhead"),
+    Recipe("compiled_augment", "compiled + --augment (random affine per image, grid_sample on the device)",
+           bf16=True, channels_last=True, compile_mode="default", augment=True),
 )}
 # --quick: seconds on a laptop CPU. Options given explicitly win, as with train.py --debug.
 QUICK = {"widths": (8, 16, 32), "batch_size": 256, "steps": 3, "warmup": 1}
@@ -258,7 +261,9 @@ class DeviceBatches:
         self.sampler.set_epoch(epoch)
         # drop_last: a ragged last batch would change the shapes (and recompile)
         for index in data.shard_batches(self.sampler, self.batch_size, self.images.device, drop_last=True):
-            yield prepare(self.images[index], self.recipe), self.labels[index]
+            images = self.images[index]
+            images = data.random_affine(images) if self.recipe.augment else images
+            yield prepare(images, self.recipe), self.labels[index]
 
 
 def forever(batches):

@@ -47,9 +47,9 @@ def test_baseline_and_eager_configs_measured(quick_run):
 
 def test_skipped_configs_say_why(quick_run):
     rows = {r["config"]: r for r in map(json.loads, quick_run[1].read_text().splitlines())}
-    assert "pass --configs to force" in rows["compiled"]["skipped"]
+    assert all("pass --configs to force" in rows[name]["skipped"] for name in ("compiled", "compiled_augment"))
     assert "CUDA" in rows["compiled_cudagraphs"]["skipped"]
-    for name in ("compiled", "compiled_cudagraphs"):
+    for name in ("compiled", "compiled_cudagraphs", "compiled_augment"):
         assert rows[name]["error"] is None
         assert rows[name]["images_per_s"] is None and rows[name]["speedup_vs_notebook"] is None
 
@@ -107,3 +107,15 @@ def test_time_to_accuracy_with_the_fast_recipe(mnist_dir, one_thread):
     norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norm.num_batches_tracked.item() == 2
 
+
+
+def test_augmented_batches_are_transformed_training_batches(mnist_dir):
+    """compiled_augment's batches: the same images and labels as compiled's, moved by a random
+    affine transform (the timed region includes it, as train.py's step does)."""
+    images, labels = data.load_split(mnist_dir, "train", limit=512)
+    plain = next(bench.DeviceBatches(images, labels, 256, bench.RECIPES["compiled"], seed=0).epoch(0))
+    moved = next(bench.DeviceBatches(images, labels, 256, bench.RECIPES["compiled_augment"], seed=0).epoch(0))
+    assert torch.equal(plain[1], moved[1]) and plain[0].shape == moved[0].shape
+    assert moved[0].is_contiguous(memory_format=torch.channels_last)
+    differs = (plain[0] - moved[0]).abs().flatten(1).amax(1) > 0.5
+    assert differs.float().mean() > 0.9
