@@ -38,8 +38,8 @@ step host_syncs_fast python tests/sync_check.py --data-dir "$DATA" --output-dir 
     --out "$OUT/host_syncs_fast.json" "${FAST_FLAGS[@]}"
 step default_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --output-dir "$OUT/default_recipe"
 step fast_recipe "${TRAIN[@]}" --recipe fast --output-dir "$OUT/fast_recipe"
-step augment_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --augment --schedule onecycle --lr 4e-3 \
-    --epochs 30 --bn-recalibrate 16 --output-dir "$OUT/augment_recipe"
+step augment_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --augment --epochs 20 --batch-size 256 \
+    --schedule onecycle --lr 4e-3 --label-smoothing 0.1 --bn-recalibrate 16 --output-dir "$OUT/augment_recipe"
 
 for run in default_recipe fast_recipe augment_recipe; do
     python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'test accuracy', r['accuracy'])" \
