@@ -67,19 +67,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("target", [0.01, 1.0])  # reached at the first evaluation; never reached
-def test_time_to_accuracy_reports_the_epochs(mnist_dir, one_thread, target):
-    """The epoch loop, in-process, on 512 of the tests' digits: it checks the bookkeeping, not
-    the learning."""
-    settings = bench.parse_args(["--device", "cpu", "--data-dir", str(mnist_dir), "--batch-size", "256",
-                                 "--widths", "4,4,4", "--time-to-accuracy", str(target),
-                                 "--max-epochs", "1"])
+def time_to_accuracy(settings: bench.Settings, mnist_dir):
+    """bench.time_to_accuracy, in-process, eager fp32, on 512 of the tests' digits (2 batches of
+    256): (the trained model, the result)."""
     recipe, cpu = bench.RECIPES["eager_fp32"], torch.device("cpu")
     model, forward, _ = bench.build(recipe, settings.widths, cpu, seed=0)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = bench.DeviceBatches(*data.load_split(mnist_dir, "train", limit=512), 256, recipe, seed=0)
-    result = bench.time_to_accuracy(model, forward, recipe, batches, data.load_split(mnist_dir, "test"),
-                                    initial, settings, cpu)
+    return model, bench.time_to_accuracy(model, forward, recipe, batches, data.load_split(mnist_dir, "test"),
+                                         initial, settings, cpu)
+
+
+@pytest.mark.parametrize("target", [0.01, 1.0])  # reached at the first evaluation; never reached
+def test_time_to_accuracy_reports_the_epochs(mnist_dir, one_thread, target):
+    """The epoch loop: it checks the bookkeeping, not the learning."""
+    settings = bench.parse_args(["--device", "cpu", "--data-dir", str(mnist_dir), "--batch-size", "256",
+                                 "--widths", "4,4,4", "--time-to-accuracy", str(target),
+                                 "--max-epochs", "1"])
+    model, result = time_to_accuracy(settings, mnist_dir)
     assert len(result["accuracy_per_epoch"]) == 1 and result["target"] == target
     assert result["best_accuracy"] == result["accuracy_per_epoch"][0]
     if target < 0.1:
@@ -95,12 +100,7 @@ def test_time_to_accuracy_with_the_fast_recipe(mnist_dir, one_thread):
                                  "--batch-size", "256", "--time-to-accuracy", "1.0", "--recipe", "fast"])
     assert settings.optimisation == "fast" and settings.max_epochs == FAST_RECIPE["epochs"]
     assert bench.parse_args(["--recipe", "fast", "--device", "cpu"]).batch_size == FAST_RECIPE["batch_size"]
-    recipe, cpu = bench.RECIPES["eager_fp32"], torch.device("cpu")
-    model, forward, _ = bench.build(recipe, settings.widths, cpu, seed=0)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = bench.DeviceBatches(*data.load_split(mnist_dir, "train", limit=512), 256, recipe, seed=0)
-    result = bench.time_to_accuracy(model, forward, recipe, batches, data.load_split(mnist_dir, "test"),
-                                    initial, settings, cpu)
+    model, result = time_to_accuracy(settings, mnist_dir)
     assert result["optimisation"] == "fast" and result["seconds"] is None  # 100% is never reached
     assert len(result["accuracy_per_epoch"]) == FAST_RECIPE["epochs"]
     # the recalibrated statistics are the plain average over those 2 batches, not a running one
