@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from sklearn.metrics import classification_report, confusion_matrix
 
 from dist_resnet import distributed
+from dist_resnet.config import positive
 from dist_resnet.data import DataError, ensure_mnist, load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import NUM_CLASSES, WeightsError, load_model
 
@@ -123,16 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", type=Path,
                         help="model.safetensors, a run's output directory, or a checkpoint directory")
     parser.add_argument("--data-dir", help="default: the run's, else ./data")
-    parser.add_argument("--test-limit", type=int, help="default: the run's (all test images)")
-    parser.add_argument("--batch-size", type=int, help="per process; default: the run's")
+    parser.add_argument("--test-limit", type=positive(int), help="default: the run's (all test images)")
+    parser.add_argument("--batch-size", type=positive(int), help="per process; default: the run's")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="default: the run's, so the report matches training's")
     parser.add_argument("--output-dir", type=Path, help="default: the weights' directory")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
-    if (args.batch_size is not None and args.batch_size <= 0) or (
-            args.test_limit is not None and args.test_limit <= 0):
-        parser.error("--batch-size and --test-limit must be positive")
     run = run_settings(args.weights)
     batch_size = args.batch_size or run.get("per_process_batch", 1024)
     data_dir = args.data_dir or run.get("data_dir", "./data")
