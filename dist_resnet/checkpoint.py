@@ -1,25 +1,96 @@
-"""Checkpoints that restore a run exactly, written atomically.
+"""Checkpoints that restore a run exactly, written atomically, read without running code.
 
-A checkpoint is Accelerate's save_state (model, optimizer, every rank's RNG state) plus
-meta.json (step, widths, and the loss-window state the log needs to continue exactly). It is
-written to OUTPUT_DIR/checkpoints/tmp-step-N and renamed to step-N only when complete: a
-crash or kill during a save leaves at most a tmp- directory, which resume never picks up,
-and the previous checkpoint stays loadable.
+A checkpoint is a directory OUTPUT_DIR/checkpoints/step-N holding
+- model.safetensors: the plain model's weights (evaluate.py and predict.py read it too);
+- state.safetensors: the optimizer, schedule and gradient scaler, their tensors as tensors and
+  the rest as JSON in the file's metadata;
+- rng-R.safetensors: rank R's random generators (torch, CUDA, numpy, Python);
+- meta.json: the step, the number of processes, the run's configuration and id, and the loss
+  window the log continues.
+Nothing in it is a pickle, so a checkpoint from elsewhere can hold no code; every part is
+checked against the model and the run before it is used.
+
+It is written to checkpoints/tmp-step-N and renamed to step-N only when every rank's part is
+complete: a crash or kill during a save leaves at most a tmp- directory, which resume never
+picks up, and the previous checkpoint stays loadable. Resume falls back to the previous
+complete checkpoint when the newest one is damaged.
 """
 
+import copy
 import json
 import os
+import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from dist_resnet import distributed, files
+from dist_resnet.config import MIXED_PRECISION, Config, resume_mismatches
 
 NAME = re.compile(r"step-(\d+)")
+FORMAT = 1  # of meta.json and the files beside it; another value is refused
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be resumed from, with the reason."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint of another configuration or process count than this run's."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written (the previous one is kept)."""
+
+
+@dataclass(frozen=True)
+class Meta:
+    """meta.json, read back through the same fields that wrote it."""
+
+    run_id: str
+    step: int
+    world_size: int
+    mixed_precision: str  # as resolved (the launcher's choice, where --mixed-precision was not given)
+    config: Config
+    window: dict  # recipe.LossWindow.state()
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "run_id": self.run_id, "step": self.step,
+                           "world_size": self.world_size, "mixed_precision": self.mixed_precision,
+                           "config": self.config.to_dict(), "window": self.window}, indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> "Meta":
+        path = directory / "meta.json"
+        try:
+            values = files.read_record(path, FORMAT)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        try:
+            window = values["window"]
+            ok = (isinstance(values["run_id"], str) and _count(values["step"]) and _count(values["world_size"])
+                  and values["mixed_precision"] in MIXED_PRECISION
+                  and values["world_size"] > 0 and isinstance(window, dict) and window.keys() == {"loss_sum", "steps", "images"}
+                  and isinstance(window["loss_sum"], float) and _count(window["steps"]) and _count(window["images"]))
+            if not ok:
+                raise ValueError("run_id, step, world_size or window missing or of the wrong type")
+            config = Config.from_dict(values["config"], "config")
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: damaged ({err})") from None
+        return cls(values["run_id"], values["step"], values["world_size"], values["mixed_precision"],
+                   config, window)
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -33,60 +104,229 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
-def find(resume: str, output_dir: str | Path) -> Path | None:
-    """`auto`: the newest complete checkpoint, or None for a fresh start; else the path given."""
-    if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-    return path
+# ---- writing -----------------------------------------------------------------------------------
 
-
-def save(accelerator: Accelerator, output_dir: str | Path, meta: dict, keep: int) -> Path:
-    """Write checkpoint step-<meta['step']> on every rank's behalf; called by all ranks."""
+def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: dict, keep: int) -> Path:
+    """Write checkpoint step-<meta.step>; called by every rank. parts: name -> an object with
+    state_dict() (recipe.Recipe.state()). A rank that cannot write makes every rank raise
+    CheckpointWriteError, and the previous checkpoint is kept."""
     root = checkpoint_dir(output_dir)
-    final = root / f"step-{meta['step']:08d}"
+    final = root / f"step-{meta.step:08d}"
     tmp = root / f"tmp-{final.name}"
-    if accelerator.is_main_process:
+
+    def prepare():
         for stale in root.glob("tmp-*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # the main process writes the model and optimizer, each rank its RNG
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _sync_dir(tmp)
+
+    def write_parts():
+        _write_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", *_rng_state())
+        if accelerator.is_main_process:
+            _write_tensors(tmp / "model.safetensors", parts["model"].state_dict(), {})
+            tensors = {}
+            skeleton = {name: _split(part.state_dict(), tensors, name) for name, part in parts.items()
+                        if name != "model"}
+            _write_tensors(tmp / "state.safetensors", tensors, {"state": json.dumps(skeleton)})
+            _write_file(tmp / "meta.json", meta.to_json())
+
+    def publish():
+        files.sync_dir(tmp)
         if final.exists():  # the same step saved before (a resumed run re-saving it)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _sync_dir(root)
+        files.sync_dir(root)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+
+    _together(prepare if accelerator.is_main_process else None, tmp)
+    _together(write_parts, tmp)
+    _together(publish if accelerator.is_main_process else None, tmp)
     return final
 
 
-def load(accelerator: Accelerator, path: Path, widths: tuple[int, ...]) -> dict:
-    """Restore model, optimizer and RNG states from path; returns its meta.json."""
-    meta = json.loads((path / "meta.json").read_text())
-    saved = tuple(meta.get("widths", ()))
-    if saved != tuple(widths):
-        raise CheckpointError(
-            f"{path} was saved with --widths {','.join(map(str, saved))}, this run uses "
-            f"--widths {','.join(map(str, widths))}: resume with the same model, or use another "
-            "--output-dir"
-        )
-    accelerator.load_state(str(path))
+def _together(action, tmp: Path) -> None:
+    """Run action (on the ranks that have one); if any rank failed, all raise."""
+    message = None
+    if action is not None:
+        try:
+            action()
+        except OSError as err:
+            message = f"cannot write checkpoint {tmp} ({err.strerror or err}); the previous checkpoint is kept"
+    message = distributed.first_error(message)
+    if message:
+        raise CheckpointWriteError(message)
+
+
+def _write_tensors(path: Path, tensors: dict, metadata: dict) -> None:
+    _write_file(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                        metadata))
+
+
+def _write_file(path: Path, content: str | bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(content.encode() if isinstance(content, str) else content)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _split(value, tensors: dict, key: str):
+    """A state dict as a JSON skeleton, its tensors moved into `tensors` under dotted keys.
+    Every node says what it is, so that reading back builds the same types and nothing else."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str | int) for k in value):
+            raise TypeError(f"{key}: keys of a state dict must be str or int")
+        return {"dict": [[k, _split(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return {type(value).__name__: [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"value": value}
+    raise TypeError(f"{key}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _join(node, tensors: dict):
+    """The inverse of _split; anything not of its shape raises ValueError."""
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"unexpected node {str(node)[:80]}")
+    (kind, body), = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: _join(v, tensors) for k, v in body}
+    if kind in ("list", "tuple"):
+        items = [_join(v, tensors) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "value" and (body is None or isinstance(body, bool | int | float | str)):
+        return body
+    raise ValueError(f"unexpected node kind {kind!r}")
+
+
+def _rng_state() -> tuple[dict, dict]:
+    """This process's random generators as tensors, and the numbers that go with them."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+               "python": torch.tensor(words, dtype=torch.int64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    numbers = {"numpy": [kind, int(position), int(has_gauss), float(cached)],
+               "python": [version, gauss_next]}
+    return tensors, {"numbers": json.dumps(numbers)}
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    meta: Meta
+    model: dict
+    state: dict
+    rng: tuple[dict, dict]
+
+
+def read_meta(path: Path, run_config: Config, world_size: int) -> Meta:
+    """meta.json of a checkpoint that this run may continue: a CheckpointError says why not."""
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+    meta = Meta.read(path)
+    mismatches = resume_mismatches(meta.config, run_config)
+    if mismatches:
+        raise IncompatibleCheckpoint(f"{path} was saved with other options than this run's: "
+                              f"{'; '.join(mismatches)}. Resume with the same options, or start "
+                              "a new run in another --output-dir")
+    if meta.world_size != world_size:
+        raise IncompatibleCheckpoint(f"{path} was written by {meta.world_size} process(es), this run has "
+                              f"{world_size}: resume on {meta.world_size} (another process count is "
+                              "not supported yet)")
     return meta
 
 
-def _sync_dir(path: Path) -> None:
-    # Make the directory entries durable before the rename that publishes them.
-    fd = os.open(path, os.O_RDONLY)
+def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps: int) -> _Loaded:
+    """Every part this rank needs, read and checked, with nothing applied yet."""
+    meta = read_meta(path, run_config, accelerator.num_processes)
+    if meta.step > total_steps:
+        raise CheckpointError(f"{path}: step {meta.step} is past this run's {total_steps} steps")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        model = load_file(path / "model.safetensors")
+        with safe_open(path / "state.safetensors", framework="pt") as file:
+            skeleton = json.loads(file.metadata()["state"])
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        state = {name: _join(node, tensors) for name, node in skeleton.items()}
+        rng_path = path / f"rng-{accelerator.process_index}.safetensors"
+        with safe_open(rng_path, framework="pt") as file:
+            rng = ({name: file.get_tensor(name) for name in file.keys()},
+                   json.loads(file.metadata()["numbers"]))
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    return _Loaded(meta, model, state, rng)
+
+
+def _apply(loaded: _Loaded, parts: dict) -> None:
+    """Load model, optimizer, schedule and scaler state; raises if a part does not fit."""
+    parts["model"].load_state_dict(loaded.model)  # strict: every name, every shape
+    for name, part in parts.items():
+        if name == "model":
+            continue
+        if name not in loaded.state:
+            if name == "scaler":  # --mixed-precision fp16 now and not before: a fresh scale
+                continue
+            raise ValueError(f"no {name} state")
+        part.load_state_dict(loaded.state[name])
+    _match_parameter_layout(parts["optimizer"])
+
+
+def _match_parameter_layout(optimizer) -> None:
+    """Give per-parameter optimizer state its parameter's memory layout (channels-last
+    weights): the checkpoint stores it contiguous, and fused Adam wants the two alike."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _set_rng(tensors: dict, numbers: dict, device: torch.device) -> None:
+    kind, position, has_gauss, cached = numbers["numpy"]
+    if tensors["numpy"].numel() != 624 or tensors["python"].numel() != 625:
+        raise ValueError("random generator state of the wrong size")
+    torch.set_rng_state(tensors["torch"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    version, gauss_next = numbers["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+
+
+def resume(accelerator: Accelerator, candidates: list[Path], parts: dict, run_config: Config,
+           total_steps: int, warn) -> Meta:
+    """Restore the first of `candidates` (newest first) that every rank can read and apply;
+    called by every rank with the same list. A damaged checkpoint is reported through
+    warn(message) and the next one tried; when none is usable, CheckpointError lists why.
+    A checkpoint of other options raises at once: the older ones of the same run are alike."""
+    fresh = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    reasons = []
+    for path in candidates:
+        failure, loaded = None, None
+        try:
+            loaded = _read(path, accelerator, run_config, total_steps)
+            _apply(loaded, parts)
+            _set_rng(*loaded.rng, accelerator.device)
+        except CheckpointError as err:
+            failure = (isinstance(err, IncompatibleCheckpoint), str(err))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            failure = (False, f"{path}: damaged ({' '.join(str(err).split())[:200]})")
+        agreed = distributed.first_failure(failure)
+        if agreed is None:
+            return loaded.meta
+        rank, (incompatible, message) = agreed
+        message = message if rank == 0 else f"rank {rank}: {message}"
+        if incompatible:
+            raise IncompatibleCheckpoint(message)
+        for name, part in parts.items():  # undo what was applied before the failure
+            part.load_state_dict(copy.deepcopy(fresh[name]))
+        reasons.append(message)
+        if path != candidates[-1]:
+            warn(f"warning: {message}; trying the checkpoint before it")
+    raise CheckpointError("no usable checkpoint: " + "; ".join(reasons))

@@ -1,22 +1,53 @@
-"""All settings in one typed place, filled from the command line and checked before any
-process group exists: bad input ends with a one-line message and exit code 2."""
+"""All settings of a training run in one typed place, the exit codes of every command, and the
+one way the commands read a command line: bad input ends with a one-line message and exit
+code 2, before any process group exists.
+
+The kinds of values (a positive count, a fraction, a seed, a run name) are defined once here
+and serve twice: as argparse types for the command line, and as the checks a run record
+(config.json, a checkpoint's metadata) passes when it is read back.
+"""
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
+import re
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What every command returns (README, "Exit codes")."""
+
+    OK = 0
+    FAILED = 1  # an unexpected error, with its traceback; bench: a configuration failed
+    BAD_INPUT = 2  # an option, data file, checkpoint, weights file or output directory
+    NON_FINITE = 3  # the training loss became NaN or infinite
+    CANNOT_WRITE = 4  # an output could not be written (permissions, disk full, path)
+    TRACKER = 5  # W&B or TensorBoard could not start
+    INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
+
 
 # What --debug and --recipe fast change, unless the same option is given explicitly.
 DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 2048, "test_limit": 1024}
 # The fast recipe: the same model, a one-cycle schedule with a larger peak learning rate,
 # label smoothing, BatchNorm statistics recomputed before each evaluation (their running
-# averages lag far behind the weights this early), and every speed option. Epochs and peak
-# rate chosen by accuracy on CPU runs (99.23%; 2 epochs gave 98.90-99.05%); not yet timed on
-# a GPU: see docs/benchmarks.md.
+# averages lag far behind the weights this early), and every speed option. Chosen by accuracy
+# on real MNIST (docs/benchmarks.md).
 FAST_RECIPE = {"batch_size": 512, "epochs": 3, "lr": 8e-3, "schedule": "onecycle",
                "label_smoothing": 0.1, "bn_recalibrate": 16, "channels_last": True,
                "compile": True, "mixed_precision": "bf16"}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+WANDB_MODES = ("online", "offline", "disabled")
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_WIDTH, MAX_BLOCKS = 4096, 16
 
 
 @dataclass(frozen=True)
@@ -33,7 +64,7 @@ class Config:
     epochs: int = 60
     batch_size: int = 2048  # global batch, split evenly over the processes
     lr: float = 1e-3  # Adam learning rate (the peak, with --schedule onecycle)
-    schedule: str = "constant"  # constant|onecycle
+    schedule: str = "constant"  # a name from recipe.SCHEDULES
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -46,16 +77,17 @@ class Config:
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
-    # checkpoints
+    # checkpoints and the output directory
     checkpoint_every: int = 0  # steps between checkpoints within an epoch (0: epoch ends only)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: str | None = None  # auto (newest checkpoint, else fresh) or a checkpoint directory
+    overwrite: bool = False  # replace the run already in --output-dir
     # evaluation and logging
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
     log_every: int = 10  # steps between loss reports (each one syncs the device)
     output_dir: str | None = None  # default: runs/<run name>
-    run_name: str | None = None  # default: the start time, as rank 0 saw it
-    report_to: str = "wandb"  # wandb|tensorboard|all|none
+    run_name: str | None = None  # default: the start time and a random suffix
+    report_to: str = "wandb"  # a tracker from tracking.TRACKERS, all, or none
     wandb_project: str = "dist_resnet"
     wandb_mode: str | None = None  # online|offline|disabled; None: online with credentials
     tags: tuple[str, ...] = ()  # W&B run tags
@@ -63,75 +95,212 @@ class Config:
     group: str | None = None  # W&B run group
     debug: bool = False
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-def _number(kind, accept, expected: str):
-    """An argparse type: the text as `kind`, refused unless accept(value)."""
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "Config":
+        """The Config a run record holds, checked as strictly as the command line: a missing,
+        unknown, mistyped or out-of-range value raises ValueError naming it."""
+        config = from_values(cls, values, source)
+        for name, kind in KINDS.items():
+            value = getattr(config, name)
+            if value is not None and not kind.accepts(value):
+                raise ValueError(f"{source}: {name} must be {kind.expected}, got {value!r}")
+        for name, allowed in CHOICES.items():
+            value = getattr(config, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
+        return config
 
-    def parse(text: str):
+
+def from_values(cls, values: dict, source: str):
+    """An instance of the dataclass cls from JSON values: every field present, no other, each
+    of its annotated type (lists become tuples). ValueError names what is wrong."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = sorted(names - values.keys()), sorted(values.keys() - names)
+    if missing or unknown:
+        raise ValueError(f"{source}: " + "; ".join(
+            part for part in (missing and f"missing {', '.join(missing)}",
+                              unknown and f"unknown {', '.join(unknown)}") if part))
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _typed(values[name], hints[name], f"{source}: {name}") for name in names})
+
+
+# Options that decide what is trained: a resumed run must use the same values (README,
+# "Checkpoints and resume"). Every other option may change between the pieces of a run.
+MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
+                        "augment", "seed", "train_limit", "compile", "sync_bn")
+
+
+def resume_mismatches(saved: Config, current: Config) -> list[str]:
+    """The options of MUST_MATCH_ON_RESUME that differ, as '--name saved (now current)'."""
+    return [f"--{name.replace('_', '-')} {_show(getattr(saved, name))} (now {_show(getattr(current, name))})"
+            for name in MUST_MATCH_ON_RESUME if getattr(saved, name) != getattr(current, name)]
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _typed(value, hint, where: str):
+    """value as the annotation `hint` wants it (JSON has lists where Config has tuples)."""
+    if isinstance(hint, types.UnionType):  # X | None
+        if value is None:
+            return None
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_typed(v, item, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not hint:  # bool is not an int here, nor an int a str
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+class MissingPackage(Exception):
+    """An installed package that a chosen feature needs is missing."""
+
+
+def require(module: str, feature: str, instead: str):
+    """The module, imported; or MissingPackage saying which feature needs it and how to get it.
+    The suite's optional parts (trackers, plots) import their package through this, when used."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackage(f"{feature} needs the {module} package, which is not installed here: "
+                             f"`pip install {module}`, or {instead}") from None
+
+
+# ---- kinds of values ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of option value: how to read it from text, and which values are valid. Called
+    with a string, it is an argparse type."""
+
+    read: Callable[[str], typing.Any]
+    accepts: Callable[[typing.Any], bool]
+    expected: str
+
+    def __call__(self, text: str):
         try:
-            value = kind(text)
-        except ValueError:
+            value = self.read(text)
+        except (ValueError, OverflowError):
             value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if value is None or not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}")
         return value
 
-    parse.__name__ = expected
-    return parse
+    @property
+    def __name__(self) -> str:  # argparse names the type in some messages
+        return self.expected
 
 
-def positive(kind):
-    """An argparse type for a positive int or finite float (shared with the benchmark)."""
-    expected = "a positive whole number" if kind is int else "a positive finite number"
-    return _number(kind, lambda v: v > 0 and math.isfinite(v), expected)
+def positive(kind, maximum=None) -> Kind:
+    """A positive int, or a positive finite float, at most `maximum`."""
+    if kind is int:
+        top = maximum or 2**31 - 1
+        return Kind(int, lambda v: 0 < v <= top, f"a whole number from 1 to {top}")
+    top = maximum or math.inf
+    return Kind(float, lambda v: 0 < v <= top and math.isfinite(v),
+                "a positive finite number" + (f" up to {maximum:g}" if maximum else ""))
 
 
-_non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
-_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+def _read_widths(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
 
 
-def channel_widths(text: str) -> tuple[int, ...]:
-    """An argparse type for --widths: "32,64,128" -> (32, 64, 128)."""
-    try:
-        widths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or any(w <= 0 for w in widths):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive channel counts such as 32,64,128, got {text!r}"
-        )
-    return widths
+NON_NEGATIVE = Kind(int, lambda v: 0 <= v <= 2**31 - 1, "a whole number >= 0")
+FRACTION = Kind(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+SEED = Kind(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
+WIDTHS = Kind(_read_widths, lambda v: 0 < len(v) <= MAX_BLOCKS and all(0 < w <= MAX_WIDTH for w in v),
+              f"1 to {MAX_BLOCKS} comma-separated channel counts from 1 to {MAX_WIDTH}, such as 32,64,128")
+# A run name becomes a directory name under runs/ and a W&B display name: never a path.
+NAME = Kind(str, lambda v: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v)),
+            "a name of letters, digits, '.', '_' and '-' (at most 128, not starting with '.' or '-')")
+# Config fields whose values must be of a kind (the others are free text, flags or choices).
+KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WIDTHS,
+         "epochs": positive(int, 10**6), "batch_size": positive(int), "lr": positive(float),
+         "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
+         "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S), "checkpoint_every": NON_NEGATIVE,
+         "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
+         "run_name": NAME}
+# Config fields with a fixed set of values (schedules and trackers are checked where they live).
+CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
+           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = Config()
-    p = argparse.ArgumentParser(
-        prog="dist_resnet/train.py",
-        description="Train the reference ResNet on MNIST with Accelerate "
-        "(DDP, SyncBatchNorm, DistributedSampler, Adam).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+# ---- the command line ------------------------------------------------------------------------
+
+def rank_from_env() -> int:
+    """The global rank the launcher (accelerate, torchrun, srun) gave this process, known
+    before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, speaking once per job and in one line: under a launcher every process parses
+    the same command line, and only rank 0 prints help or the error (all exit alike, code 2
+    on error). The error is one line, not the usage block in front of it."""
+
+    def __init__(self, prog: str, description: str, **kwargs):
+        super().__init__(prog=prog, description=description,
+                         formatter_class=kwargs.pop("formatter_class", argparse.ArgumentDefaultsHelpFormatter),
+                         **kwargs)
+
+    def _print_message(self, message, file=None):
+        if rank_from_env() == 0:
+            super()._print_message(message, file)
+
+    def error(self, message):
+        if rank_from_env() != 0:
+            # A launcher stops every process as soon as one exits: let rank 0 say it first.
+            time.sleep(2)
+        self.exit(ExitCode.BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _choices_help(names: Iterable[str]) -> str:
+    return "|".join(names)
+
+
+def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
+    """train.py's command line. The schedule and tracker choices come from the registries
+    that implement them (recipe.SCHEDULES, tracking.TRACKERS)."""
+    defaults, schedules, trackers = Config(), list(schedules), list(trackers)
+    p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST with Accelerate "
+               "(DDP, SyncBatchNorm, DistributedSampler, Adam).")
     p.add_argument("--data-dir", default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing MNIST files")
-    p.add_argument("--train-limit", type=positive(int), default=None,
+    p.add_argument("--train-limit", type=KINDS["train_limit"], default=None,
                    help="train on the first N images only")
-    p.add_argument("--test-limit", type=positive(int), default=None,
+    p.add_argument("--test-limit", type=KINDS["test_limit"], default=None,
                    help="evaluate on the first N test images only")
-    p.add_argument("--widths", type=channel_widths, default=None,
-                   help=f"channels per residual block (default {','.join(map(str, defaults.widths))})")
+    p.add_argument("--widths", type=WIDTHS, default=None,
+                   help=f"channels per residual block (default {_show(defaults.widths)})")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=defaults.sync_bn,
                    help="convert BatchNorm to SyncBatchNorm when several GPU processes train")
-    p.add_argument("--epochs", type=positive(int), default=None,
+    p.add_argument("--epochs", type=KINDS["epochs"], default=None,
                    help=f"passes over the training set (default {defaults.epochs})")
-    p.add_argument("--batch-size", type=positive(int), default=None,
+    p.add_argument("--batch-size", type=KINDS["batch_size"], default=None,
                    help=f"global batch size, split evenly over the processes (default {defaults.batch_size})")
-    p.add_argument("--lr", type=positive(float), default=None,
+    p.add_argument("--lr", type=KINDS["lr"], default=None,
                    help=f"Adam learning rate, the peak with --schedule onecycle (default {defaults.lr})")
-    p.add_argument("--schedule", choices=["constant", "onecycle"], default=None,
-                   help="learning-rate schedule (default constant)")
-    p.add_argument("--label-smoothing", type=_fraction, default=None, help="default 0")
-    p.add_argument("--bn-recalibrate", type=_non_negative_int, default=None, metavar="N",
+    p.add_argument("--schedule", choices=schedules, default=None,
+                   help=f"learning-rate schedule (default {defaults.schedule})")
+    p.add_argument("--label-smoothing", type=FRACTION, default=None, help="default 0")
+    p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")
     p.add_argument("--recipe", choices=["reference", "fast"], default=defaults.recipe,
@@ -141,34 +310,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NHWC memory layout (default off)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; drops the ragged last batch (default off)")
-    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
-                   default=defaults.compile_mode, help="reduce-overhead uses CUDA graphs")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=defaults.compile_mode,
+                   help="reduce-overhead uses CUDA graphs")
+    p.add_argument("--seed", type=SEED, default=defaults.seed)
     p.add_argument("--augment", action="store_true",
                    help="random rotations (±10°), shifts (±10%%) and zooms (±10%%) of each training "
                    "image, done on the device")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
                    help="default: what `accelerate launch` / `accelerate config` set, else no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--dist-timeout", type=positive(float), default=defaults.dist_timeout,
+    p.add_argument("--dist-timeout", type=KINDS["dist_timeout"], default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
-    p.add_argument("--checkpoint-every", type=_non_negative_int, default=defaults.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=defaults.checkpoint_every,
                    help="also checkpoint every N steps within an epoch (0: only at epoch ends)")
-    p.add_argument("--keep-checkpoints", type=positive(int), default=defaults.keep_checkpoints,
+    p.add_argument("--keep-checkpoints", type=KINDS["keep_checkpoints"], default=defaults.keep_checkpoints,
                    help="how many of the newest checkpoints to keep")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="continue from the newest checkpoint in the output directory (auto; a "
-                   "fresh start when there is none) or from the checkpoint directory PATH")
-    p.add_argument("--eval-every", type=positive(int), default=defaults.eval_every,
+                   help="continue the run in --output-dir from its newest complete checkpoint "
+                   "(auto; a fresh start when there is none), or continue the checkpoint "
+                   "directory PATH in a new --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its files are deleted)")
+    p.add_argument("--eval-every", type=KINDS["eval_every"], default=defaults.eval_every,
                    help="evaluate every N epochs (and always after the last)")
-    p.add_argument("--log-every", type=positive(int), default=defaults.log_every,
+    p.add_argument("--log-every", type=KINDS["log_every"], default=defaults.log_every,
                    help="report the training loss every N steps")
     p.add_argument("--output-dir", default=None, help="default: runs/<run name>")
-    p.add_argument("--run-name", default=None, help="default: the start time, YYYYmmdd-HHMMSS")
-    p.add_argument("--report-to", choices=["wandb", "tensorboard", "all", "none"],
-                   default=defaults.report_to, help="trackers; all = wandb and tensorboard")
-    p.add_argument("--wandb-project", default=defaults.wandb_project)
-    p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
+    p.add_argument("--run-name", type=NAME, default=None,
+                   help="default: the start time and a random suffix, YYYYmmdd-HHMMSS-xxxx")
+    p.add_argument("--report-to", choices=[*trackers, "all", "none"], default=defaults.report_to,
+                   help=f"trackers ({_choices_help(trackers)}); all = every one of them")
+    p.add_argument("--wandb-project", type=NAME, default=defaults.wandb_project)
+    p.add_argument("--wandb-mode", choices=WANDB_MODES, default=None,
                    help="default: $WANDB_MODE, else online with W&B credentials, offline without")
     p.add_argument("--tags", type=lambda text: tuple(t for t in text.split(",") if t), default=(),
                    help="comma-separated W&B run tags")
@@ -180,14 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def world_size_from_env() -> int:
-    """The process count the launcher (accelerate, torchrun, srun) announced, known before
-    the process group is set up."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    parser = build_parser()
+def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Iterable[str]) -> Config:
+    """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
+    parser = build_parser(schedules, trackers)
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),
@@ -198,8 +366,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
         elif value is None:
             args[key] = getattr(defaults, key)
     config = Config(**args)
-    if config.resume and config.resume != "auto" and config.output_dir is None:
-        parser.error("--resume PATH needs --output-dir (where the continued run writes)")
+    if config.resume and config.output_dir is None:
+        parser.error(f"--resume {'auto' if config.resume == 'auto' else 'PATH'} needs --output-dir "
+                     "(the run that continues)")
+    if config.resume and config.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite replaces it: "
+                     "choose one")
+    mode = os.environ.get("WANDB_MODE")
+    if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
+        parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
 
     world_size = world_size_from_env()
     if config.batch_size < world_size or config.batch_size % world_size:
@@ -208,7 +383,3 @@ def parse_config(argv: list[str] | None = None) -> Config:
             "(it is the global batch, split evenly over them)"
         )
     return config
-
-
-def config_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)

@@ -1,15 +1,19 @@
 """MNIST as whole tensors, and the per-process batches DistributedSampler assigns.
 
 The images are decoded once into one uint8 tensor and kept on the training device; a batch
-is an index into it. The per-sample PIL -> ToTensor path of the reference tops out near 10k
-images/s in one process (81k with 15 workers) while the model alone trains at 120k-230k
-images/s on an H100.
+is an index into it, so no per-sample Python runs in the step (docs/benchmarks.md compares
+this with the reference's per-sample PIL -> ToTensor path).
 """
 
 import gzip
 import math
+import os
 import shutil
+import tempfile
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,8 @@ FILES = {
 }
 # The usual MNIST normalisation (mean and standard deviation of the training pixels).
 MEAN, STD = 0.1307, 0.3081
+# The largest MNIST file is 47 MB unpacked; a .gz that unpacks to more is not MNIST.
+MAX_FILE_BYTES = 64 << 20
 
 
 class DataError(Exception):
@@ -33,42 +39,96 @@ def raw_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
+def all_files() -> list[str]:
+    return [name for pair in FILES.values() for name in pair]
+
+
 def _missing(root: Path) -> list[str]:
-    return [name for pair in FILES.values() for name in pair if not (root / name).is_file()]
+    return [name for name in all_files() if not (root / name).is_file()]
+
+
+def _unpacked_size(packed: Path) -> int:
+    """What gzip records as the unpacked size in its last 4 bytes (modulo 2**32)."""
+    with open(packed, "rb") as file:
+        file.seek(-4, os.SEEK_END)
+        return int.from_bytes(file.read(4), "little")
+
+
+def _unpack(packed: Path, target: Path) -> None:
+    """Decompress packed into target through a temporary file, refusing more than
+    MAX_FILE_BYTES: a kill leaves no partial target, and a hostile file cannot fill the disk."""
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with gzip.open(packed, "rb") as src, open(temp, "wb") as dst:
+            written = 0
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > MAX_FILE_BYTES:
+                    raise DataError(f"{packed}: unpacks to more than {MAX_FILE_BYTES >> 20} MiB, far more "
+                                    "than any MNIST file: not MNIST")
+                dst.write(chunk)
+        os.replace(temp, target)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{packed}: cannot decompress ({err}); delete it and copy it again") from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _download(data_dir: Path, root: Path) -> None:
+    """torchvision's MNIST download (mirrors, checksums) into a private temporary directory
+    beside the data, then each file renamed into place: processes that download at once, on
+    one node or on several sharing the directory, never see a half-written file."""
+    staging = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
+        MNIST(str(staging), train=True, download=True)
+        for name in all_files():
+            os.replace(raw_dir(staging) / name, root / name)
+    except Exception as err:  # torchvision raises several kinds; the message is what helps
+        raise DataError(
+            f"could not download MNIST into {root} ({' '.join(str(err).split())}). "
+            f"Copy the four files {', '.join(all_files())} there by hand (as *-ubyte, or *-ubyte.gz)."
+        ) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_mnist(data_dir: str | Path, download: bool) -> Path:
     """Make sure the four raw files are in DATA_DIR/MNIST/raw, decompressing *.gz copies
-    found there and downloading only what is still missing (when allowed)."""
+    found there and downloading only what is still missing (when allowed). A raw file whose
+    size disagrees with its .gz beside it (a decompression cut short) is reported."""
     root = raw_dir(data_dir)
-    for name in _missing(root):
-        packed = root / f"{name}.gz"
-        if packed.is_file():
-            try:
-                with gzip.open(packed, "rb") as src, open(root / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            except (OSError, EOFError) as err:
-                (root / name).unlink(missing_ok=True)
-                raise DataError(f"{packed}: cannot decompress ({err})") from None
+    for name in all_files():
+        raw, packed = root / name, root / f"{name}.gz"
+        if not packed.is_file():
+            continue
+        if not raw.is_file():
+            _unpack(packed, raw)
+        elif packed.stat().st_size >= 18 and raw.stat().st_size != _unpacked_size(packed):
+            raise DataError(
+                f"{raw} ({raw.stat().st_size} bytes) disagrees with {packed} beside it "
+                f"({_unpacked_size(packed)} bytes unpacked): delete the one that is damaged")
     missing = _missing(root)
     if missing and download:
-        try:
-            MNIST(str(data_dir), train=True, download=True)
-        except Exception as err:  # torchvision raises several kinds; the message is what helps
-            raise DataError(
-                f"could not download MNIST into {root} ({' '.join(str(err).split())}). "
-                "Copy the four files "
-                f"{', '.join(n for pair in FILES.values() for n in pair)} there by hand."
-            ) from None
+        _download(Path(data_dir), root)
         missing = _missing(root)
     if missing:
         hint = "" if download else " (downloading is off: --no-download)"
         raise DataError(
             f"MNIST not found in {root}{hint}: missing {', '.join(missing)}. Expected the four "
-            f"files {', '.join(n for pair in FILES.values() for n in pair)} "
-            "(as *-ubyte, or *-ubyte.gz)."
+            f"files {', '.join(all_files())} (as *-ubyte, or *-ubyte.gz)."
         )
     return root
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """IDX, the MNIST file format: magic (0, 0, type 0x08 = uint8, number of dims), the sizes
+    as big-endian 32-bit numbers, then the bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    Path(path).write_bytes(header + array.tobytes())
 
 
 def load_split(data_dir: str | Path, split: str, limit: int | None = None):

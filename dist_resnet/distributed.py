@@ -1,6 +1,9 @@
-"""Process-group setup and teardown, one pair called once from main."""
+"""Process-group setup and teardown (one pair, called once from main), the host-side group
+on which ranks agree, and the signals that ask a run to stop."""
 
+import os
 import signal
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -9,44 +12,100 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+_host_group = None  # a gloo group over all ranks, for host-side agreement (made in setup)
 
-def setup(*, cpu: bool, mixed_precision: str | None, log_with: str | None,
-          project_dir: str | None, timeout_s: float) -> Accelerator:
-    """An Accelerator on the launcher's process group (a single process when not launched).
+
+def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accelerator:
+    """An Accelerator on the launcher's process group (a single process when not launched),
+    and a gloo group of the same ranks for agreeing on host-side values.
 
     On a machine without CUDA the Accelerator must be built with cpu=True: otherwise each
     process started by `accelerate launch --multi_gpu` or torchrun trains alone (world size 1)
     instead of joining a gloo group.
     """
-    return Accelerator(
+    global _host_group
+    accelerator = Accelerator(
         cpu=cpu or not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
-        log_with=log_with,
-        project_dir=project_dir,
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
-            # The model's 1.2 MB of gradients fit one bucket; a view avoids copying them.
+            # The model's gradients fit one bucket; a view avoids copying them.
             DistributedDataParallelKwargs(gradient_as_bucket_view=True),
         ],
     )
+    if is_distributed():
+        # Host-side values (a stop flag, an error message) travel over gloo: on GPUs the default
+        # group is NCCL, which would need a device copy and a sync for each of them.
+        _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return accelerator
 
 
 def teardown(accelerator: Accelerator) -> None:
-    """End trackers and destroy the process group. Without it, gloo's threads are still
-    alive at interpreter exit and a rank can die with 'terminate called without an active
-    exception' (SIGABRT) after a successful run."""
-    try:
-        accelerator.end_training()
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    """Destroy the process group. Without it, gloo's threads are still alive at interpreter
+    exit and a rank can die with 'terminate called without an active exception' (SIGABRT)
+    after a successful run."""
+    global _host_group
+    _host_group = None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wait_for_all() -> None:
+    """A barrier on the host group: after an error every rank agreed on, it keeps the other
+    ranks from exiting (and their launcher from stopping rank 0) before rank 0 has said it."""
+    if is_distributed():
+        dist.barrier(group=_host_group)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(value, from_rank: int = 0):
+    """Rank from_rank's value, on every rank (a collective when distributed)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=from_rank, group=_host_group)
+    return box[0]
+
+
+def first_failure(failure):
+    """Agree on failure: every rank passes what went wrong (None when it succeeded: any
+    picklable value otherwise) and gets (rank, value) of the first rank that failed, or None.
+    Every rank must call it; all then fail, or go on, together."""
+    if not is_distributed():
+        return None if failure is None else (0, failure)
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure, group=_host_group)
+    return next(((rank, value) for rank, value in enumerate(failures) if value is not None), None)
+
+
+def first_error(message: str | None) -> str | None:
+    """first_failure for an error message: the first one any rank had, prefixed with that
+    rank where it is not rank 0."""
+    found = first_failure(message)
+    if found is None:
+        return None
+    rank, text = found
+    return text if rank == 0 else f"rank {rank}: {text}"
+
+
+def any_rank(flag: int) -> int:
+    """The largest flag over the ranks (a collective when distributed): host-side only, so it
+    never waits for the GPU."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([flag], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return int(value.item())
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Give every rank rank 0's BatchNorm running statistics. DDP broadcasts them from rank 0
     before each training forward, so rank 0's are the model's; without SyncBatchNorm each
     rank's last update differs, and evaluation must use one set on every rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
 
@@ -74,31 +133,43 @@ def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 or SIGTERM (what Slurm sends before a time limit and on preemption) asks the
-    run to stop; every rank learns of it at the same step.
+    """SIGUSR1, SIGTERM (what Slurm sends before a time limit and on preemption) or a first
+    Ctrl-C (SIGINT) asks the run to stop; every rank learns of it at the same step, through
+    agreed(), which the training loop calls once a step.
 
-    The handler only sets a flag, so a second signal during a checkpoint save changes
-    nothing. The flag is all-reduced every step over a CPU (gloo) group of its own: host-side
-    only, so it never waits for the GPU. Construct it on every rank (creating the group is
-    collective).
+    The handlers are installed only while the loop runs (`with stop.handling():`): outside
+    it nothing polls the flag, so a signal there ends the process as usual instead of being
+    swallowed. Once a stop is requested they stay, so a repeated SIGTERM or SIGUSR1 changes
+    nothing, neither the checkpoint being written nor the exit status. A second Ctrl-C ends
+    the process at once with exit code 130.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, announce=None):
         self.signum = 0
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if distributed else None
+        self.announce = announce  # called with a line to print when a first signal arrives
+
+    @contextmanager
+    def handling(self):
+        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            if not self.signum:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: stopped at once, no checkpoint written", file=sys.stderr, flush=True)
+            os._exit(130)  # at once: no cleanup that could block (a collective, a tracker upload)
+        if not self.signum:
+            self.signum = signum
+            if self.announce:
+                self.announce(f"\n{signal.Signals(signum).name}: stopping after this step with a "
+                              "checkpoint" + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
     def agreed(self) -> int:
         """The signal number if any rank received one, else 0 (a collective when distributed)."""
-        if self.group is None:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        return any_rank(self.signum)

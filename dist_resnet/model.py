@@ -1,10 +1,11 @@
 """The residual network of the reference notebook, with configurable widths."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -63,9 +64,8 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
 
     Each training step moves a running average only 10% (momentum 0.1) toward the current
     batch, so while the weights change fast (early in training, a high learning rate) the
-    averages describe older weights and eval-mode accuracy lags far behind: measured on real
-    MNIST after 4 epochs, 93.4% with the running averages against 98.6% with batch
-    statistics. With SyncBatchNorm every rank must call this (it all-reduces).
+    averages describe older weights and eval-mode accuracy lags behind (docs/benchmarks.md
+    has a measurement). With SyncBatchNorm every rank must call this (it all-reduces).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -101,34 +101,55 @@ class WeightsError(Exception):
     """A weights file that is missing, unreadable, or not of this model."""
 
 
-def widths_from_state_dict(state: dict) -> tuple[int, ...]:
-    """The block widths a state dict was saved with, read from its conv1 weights."""
+def widths_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The block widths a state dict was saved with, read from its conv1 weight shapes."""
     widths, i = [], 0
-    while f"blocks.{i}.conv1.weight" in state:
-        widths.append(state[f"blocks.{i}.conv1.weight"].shape[0])
+    while f"blocks.{i}.conv1.weight" in shapes and len(shapes[f"blocks.{i}.conv1.weight"]) == 4:
+        widths.append(shapes[f"blocks.{i}.conv1.weight"][0])
         i += 1
     return tuple(widths)
 
 
-def load_model(path: str | Path) -> ResNet:
+def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -> ResNet:
     """A ResNet with the weights of a model.safetensors file, or of a directory holding one
     (a run's output directory, or a checkpoint). safetensors holds tensors only: loading runs
-    no code, unlike unpickling."""
+    no code, unlike unpickling.
+
+    The file's names and shapes are checked against the architecture they imply before any
+    tensor is read or any weight allocated, so a small hostile file cannot ask for gigabytes;
+    weights that are not all finite are refused. widths_ok says which widths are sane to
+    build (config.WIDTHS.accepts)."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     try:
+        with safe_open(path, framework="pt") as file:
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
+    widths = widths_from_shapes(shapes)
+    if not widths or not widths_ok(widths):
+        raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
+    with torch.device("meta"):  # the expected names and shapes, without allocating anything
+        expected = {name: tuple(t.shape) for name, t in ResNet(widths).state_dict().items()}
+    if shapes.keys() != expected.keys():
+        raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
+    wrong = [f"{name} is {list(shapes[name])}, expected {list(shape)}"
+             for name, shape in expected.items() if shapes[name] != shape]
+    if wrong:
+        raise WeightsError(f"{path}: weights do not fit the model ({'; '.join(wrong[:3])})")
+    try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
-    widths = widths_from_state_dict(state)
-    model = ResNet(widths) if widths else None
-    if model is None or state.keys() != model.state_dict().keys():
-        raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{path}: {name} holds non-finite values (NaN or infinity)")
+    model = ResNet(widths)
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        raise WeightsError(f"{path}: weights do not fit the model ({err})") from None
+    except RuntimeError as err:  # a dtype that cannot be copied into the parameter
+        raise WeightsError(f"{path}: weights do not fit the model ({' '.join(str(err).split())[:200]})") from None
     return model

@@ -1,14 +1,13 @@
-"""PNG figures of a run: confusion matrix, learning curves, misclassified digits.
+"""PNG figures of a run: confusion matrix, learning curves, misclassified digits. Each
+function returns the PNG's bytes; the caller decides where (and how safely) to write them.
 
 Figures are drawn on matplotlib's Agg canvas directly, never through pyplot: pyplot keeps a
 global figure registry and a global backend, and a training job (or a notebook importing
 this module) should not have either changed under it.
 """
 
+import io
 import math
-import os
-import uuid
-from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 
-def plot_confusion_matrix(matrix: np.ndarray, path: str | Path) -> Path:
+def plot_confusion_matrix(matrix: np.ndarray) -> bytes:
     """Counts of (true, predicted) pairs as a heat map with every cell annotated."""
     matrix = np.asarray(matrix)
     total = int(matrix.sum())
@@ -37,10 +36,10 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str | Path) -> Path:
     for (true, predicted), count in np.ndenumerate(matrix):
         ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
                 color="white" if count > threshold else "black")
-    return _save(figure, path)
+    return _png(figure)
 
 
-def plot_curves(records: list[dict], path: str | Path) -> Path:
+def plot_curves(records: list[dict]) -> bytes:
     """Training and test loss (left) and test accuracy (right) against the epoch, from the
     records of metrics.jsonl. Evaluations are drawn with markers: a run with one evaluation
     still shows it, and a run with none yet says so."""
@@ -91,10 +90,10 @@ def plot_curves(records: list[dict], path: str | Path) -> Path:
     if epochs:
         for ax in (loss_ax, acc_ax):
             ax.set_xlim(0, max(epochs) * 1.03 or 1)
-    return _save(figure, path)
+    return _png(figure)
 
 
-def plot_misclassified(images, labels, predictions, path: str | Path, max_images: int = 36) -> Path:
+def plot_misclassified(images, labels, predictions, max_images: int = 36) -> bytes:
     """A grid of the first max_images wrong predictions, each titled "true T / pred P".
 
     images: uint8 [N, 1, 28, 28] or [N, 28, 28] (numpy or a torch tensor), white on black.
@@ -108,7 +107,7 @@ def plot_misclassified(images, labels, predictions, path: str | Path, max_images
         figure = Figure(figsize=(5, 2))
         _say(figure.add_subplot(), f"no misclassified images ({len(labels)} predicted, all correct)")
         figure.axes[0].set_axis_off()
-        return _save(figure, path)
+        return _png(figure)
 
     cols = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / cols)
@@ -122,7 +121,7 @@ def plot_misclassified(images, labels, predictions, path: str | Path, max_images
         ax.set_title(f"true {labels[i]} / pred {predictions[i]}", fontsize=8)
     figure.suptitle(f"misclassified: {len(wrong)} of {len(labels)}"
                     + (f" (first {len(shown)} shown)" if len(shown) < len(wrong) else ""))
-    return _save(figure, path)
+    return _png(figure)
 
 
 def _numpy(x) -> np.ndarray:
@@ -141,21 +140,9 @@ def _say(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
-    """Write the PNG under a temporary name in the same directory, then rename it: a reader
-    (a dashboard polling the run directory) sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _png(figure: Figure) -> bytes:
     FigureCanvasAgg(figure)
     figure.tight_layout()
-    # open(..., "x") rather than mkstemp: mkstemp makes the file private (0600), and the
-    # rename would carry that onto a figure other users should be able to read.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "xb") as file:
-            figure.savefig(file, format="png", dpi=100)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

@@ -1,36 +1,54 @@
-"""What a run leaves behind for people and tools: config.json, metrics.jsonl, plots, and
-W&B / TensorBoard through Accelerate's tracker integration. Everything here writes on the
-main process only."""
+"""Where a run's numbers go: metrics.jsonl, and the experiment trackers.
 
-import importlib.util
+Each tracker is one adapter class with the same four methods (start in the constructor, log,
+log_final, close); TRACKERS names them, and --report-to offers every name in it, so adding a
+tracker is one class here. Trackers exist on rank 0 only: a job is one tracked run whatever
+its process and node count. Each tracker's package is imported only when it is used (a bare
+GPU image without wandb still trains with --report-to none).
+"""
+
 import json
 import netrc
 import os
-import secrets
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from accelerate import Accelerator
 
-from dist_resnet.config import Config, config_dict
+from dist_resnet import files
+from dist_resnet.config import Config, require
+from dist_resnet.metrics import MISCLASSIFIED_SHOWN
 
-TRACKERS = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"],
-            "none": []}
-PLOTS = ("confusion_matrix.png", "curves.png", "misclassified.png")
-MISCLASSIFIED_SHOWN = 36  # in misclassified.png and in the W&B panel alike
+# Seconds W&B may take to start online before the run falls back to logging offline.
+WANDB_INIT_TIMEOUT_S = 60.0
 
 
-def log_with(report_to: str) -> list[str] | None:
-    """The Accelerator's `log_with`, or a clear error when a tracker's package is missing (GPU
-    images often lack wandb). The packages themselves are imported only when a run uses them."""
-    for name in TRACKERS[report_to]:
-        if importlib.util.find_spec(name) is None:
-            raise SystemExit(f"error: --report-to {report_to} needs {name}, which is not installed: "
-                             f"`pip install {name}`, or pass --report-to none")
-    return TRACKERS[report_to] or None
+class TrackerError(Exception):
+    """A tracker that could not start, with what to do about it."""
 
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object a line, appended with one write each (files.append_line).
+
+    A run continued from the checkpoint of step S keeps the history up to S and drops what
+    the interrupted run logged after it, so no step is duplicated or missing; a line cut
+    short by a crash is dropped too."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        kept = []
+        if resume_step is not None:
+            kept = [r for r in self.records() if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+        files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        files.append_line(self.path, json.dumps(record))
+
+    def records(self) -> list[dict]:
+        return files.read_jsonl(self.path)[0]
+
+
+# ---- trackers ------------------------------------------------------------------------------------
 
 def has_wandb_credentials() -> bool:
     """An API key in the environment or in ~/.netrc for the W&B host (what `wandb login`
@@ -47,143 +65,141 @@ def has_wandb_credentials() -> bool:
 def resolve_wandb_mode(requested: str | None) -> str:
     if requested:
         return requested
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)
     return "online" if has_wandb_credentials() else "offline"
 
 
-class RunLog:
-    """metrics.jsonl (one JSON object per event) plus the trackers, on the main process.
+class WandbTracker:
+    """Weights & Biases. The run's id is the output directory's run id, so a resumed job
+    continues the same W&B run. Its files go under $WANDB_DIR when set, else the output
+    directory. Online, a server that does not answer within WANDB_INIT_TIMEOUT_S makes the
+    run log offline instead (sync it later), never stall or fail."""
 
-    A run resumed from the checkpoint of step S keeps the history up to S and drops what the
-    interrupted run logged after it, so no step is duplicated or missing; it continues the
-    same W&B run (its id is kept in the output directory)."""
+    name = "wandb"
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, resume_step: int | None = None):
-        self.accelerator = accelerator
-        self.path = output_dir / "metrics.jsonl"
-        self.resumed = resume_step is not None
-        # Plots render off the training thread: a slow render must not stall the GPU.
-        self.plotter, self.pending_plots, self.pending_for = ThreadPoolExecutor(max_workers=1), None, None
-        self.said_no_plots = False
-        if not accelerator.is_main_process:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.resumed and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def start(self, config: Config, extra: dict) -> None:
-        """Write config.json and start the trackers with the resolved configuration."""
-        values = {**config_dict(config), **extra}
-        if not self.accelerator.is_main_process:
-            return
-        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2) + "\n")
-        trackers = TRACKERS[config.report_to]
-        if not trackers:
-            return
+    def __init__(self, output_dir: Path, config: Config, run_id: str, values: dict, say):
+        self.wandb = require("wandb", "--report-to wandb", "pass --report-to none")
         mode = resolve_wandb_mode(config.wandb_mode)
-        output_dir = self.path.parent
-        self.accelerator.project_configuration.logging_dir = str(output_dir / "tensorboard")
-        self.accelerator.init_trackers(config.wandb_project, init_kwargs={"wandb": {
-            "name": config.run_name, "dir": str(output_dir), "mode": mode, "id": self._wandb_run_id(),
-            "resume": "allow", "tags": list(config.tags) or None, "notes": config.notes,
-            "group": config.group}})
-        for tracker in self.accelerator.trackers:
-            # TensorBoard's hparams take only scalars and strings.
-            tracker.store_init_configuration(values if tracker.name == "wandb" else {
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()})
-        if "wandb" in trackers and mode == "offline":
-            print(f"W&B is offline (no credentials found); sync later with: "
-                  f"wandb sync {output_dir}/wandb/offline-run-*", flush=True)
+        if mode == "online" and not has_wandb_credentials():
+            raise TrackerError("W&B is set to online but no credentials were found: run `wandb login` "
+                               "(or set WANDB_API_KEY), or pass --wandb-mode offline")
+        self.dir = Path(os.environ.get("WANDB_DIR") or output_dir)
+        kwargs = dict(project=config.wandb_project, name=config.run_name, dir=str(self.dir), id=run_id,
+                      resume="allow", tags=list(config.tags) or None, notes=config.notes,
+                      group=config.group, config=values)
+        try:
+            self.run = self._init(mode, kwargs)
+        except Exception as err:  # wandb raises many kinds; the message is what helps
+            if mode != "online":
+                raise TrackerError(f"W&B could not start ({_one_line(err)})") from None
+            say(f"warning: W&B could not reach its server ({_one_line(err)}); logging offline instead")
+            mode = "offline"
+            try:
+                self.run = self._init(mode, kwargs)
+            except Exception as err2:
+                raise TrackerError(f"W&B could not start ({_one_line(err2)})") from None
+        if mode == "offline":
+            say(f"W&B is offline; upload the run later with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
-    def _wandb_run_id(self) -> str:
-        """One W&B run per output directory: a resumed job continues the run it started."""
-        path = self.path.parent / "wandb_run_id"
-        if not (self.resumed and path.exists()):
-            path.write_text(secrets.token_hex(4))
-        return path.read_text().strip()
+    def _init(self, mode: str, kwargs: dict):
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
+        return self.wandb.init(mode=mode, settings=self.wandb.Settings(init_timeout=timeout), **kwargs)
 
-    def log(self, event: str, step: int, epoch: float, **values) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        record = {"event": event, "step": step, "epoch": epoch, **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.accelerator.log({f"{event}/{k}": v for k, v in values.items()} | {"epoch": epoch},
-                             step=step)
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
 
-    def refresh_plots(self, evaluation, test_images) -> Future | None:
-        """Redraw the plots in the background; a redraw asked for while one is running is
-        skipped (the next evaluation, or the end of the run, draws the newer state)."""
-        if not self.accelerator.is_main_process:
-            return None
-        if self.pending_plots is None or self.pending_plots.done():
-            self.pending_plots = self.plotter.submit(self._draw, evaluation, test_images)
-            self.pending_for = evaluation
-        return self.pending_plots
-
-    def _draw(self, evaluation, test_images) -> None:
-        if importlib.util.find_spec("matplotlib") is None:
-            # Bare GPU images often lack matplotlib; the run must not fail for a picture.
-            if not self.said_no_plots:
-                print("matplotlib is not installed: no plots (`pip install matplotlib`)", flush=True)
-                self.said_no_plots = True
-            return
-        from dist_resnet import plots
-
-        output_dir = self.path.parent
-        plots.plot_confusion_matrix(evaluation.confusion(), output_dir / PLOTS[0])
-        plots.plot_curves([json.loads(line) for line in self.path.read_text().splitlines() if line],
-                          output_dir / PLOTS[1])
-        plots.plot_misclassified(test_images, evaluation.labels, evaluation.predictions,
-                                 output_dir / PLOTS[2], max_images=MISCLASSIFIED_SHOWN)
-
-    def finish(self, evaluation, test_images, report_text: str, step: int) -> None:
-        """The final plots, then the report and plots to the trackers."""
-        if not self.accelerator.is_main_process:
-            return
-        if self.pending_plots is not None:
-            self.pending_plots.result()
-        if self.pending_for is not evaluation:  # the last evaluation's plots are drawn already
-            self._draw(evaluation, test_images)
-        self.plotter.shutdown()
-        if not self.accelerator.trackers:
-            return
-        self.accelerator.log({"classification_report": report_text}, step=step)
-        images = {name[:-4]: np.asarray(_png(self.path.parent / name)) for name in PLOTS
-                  if (self.path.parent / name).exists()}
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images(images, step=step, dataformats="HWC")
-            elif tracker.name == "wandb":
-                self._wandb_panels(tracker.tracker, evaluation, test_images, images, step)
-
-    @staticmethod
-    def _wandb_panels(run, evaluation, test_images, images: dict, step: int) -> None:
-        import wandb
-
-        _, report = evaluation.report()
+    def log_final(self, final, step: int) -> None:
+        wandb, evaluation = self.wandb, final.evaluation
         rows = [[name, *(row[k] for k in ("precision", "recall", "f1-score", "support"))]
-                for name, row in report.items() if isinstance(row, dict)]
-        wrong = evaluation.mistakes(MISCLASSIFIED_SHOWN)
-        run.log({
+                for name, row in final.table.items() if isinstance(row, dict)]
+        self.run.log({
+            "classification_report": final.text,
             "classification_report_table": wandb.Table(
                 columns=["class", "precision", "recall", "f1-score", "support"], data=rows),
             "confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=evaluation.labels.tolist(), preds=evaluation.predictions.tolist(),
-                class_names=[str(c) for c in range(10)]),
-            "misclassified": [wandb.Image(np.asarray(test_images[i]).squeeze(),
+                class_names=list(evaluation.class_names)),
+            "misclassified": [wandb.Image(np.asarray(final.test_images[i]).squeeze(),
                                           caption=f"true {evaluation.labels[i]} / pred {evaluation.predictions[i]}")
-                              for i in wrong],
-            **{f"plots/{name}": wandb.Image(array) for name, array in images.items()},
+                              for i in evaluation.mistakes(MISCLASSIFIED_SHOWN)],
+            **{f"plots/{name}": wandb.Image(str(path)) for name, path in final.plots.items()},
         }, step=step)
-        run.summary["test/accuracy"] = report["accuracy"]
+        self.run.summary["test/accuracy"] = final.table["accuracy"]
+
+    def close(self) -> None:
+        self.run.finish()
 
 
-def _png(path: Path):
-    from PIL import Image
+class TensorBoardTracker:
+    """TensorBoard event files in OUTPUT_DIR/tensorboard: one run, each scalar once a step, the
+    configuration and the final report as text, the plots as images."""
 
-    return Image.open(path).convert("RGB")
+    name = "tensorboard"
+
+    def __init__(self, output_dir: Path, config: Config, run_id: str, values: dict, say):
+        require("tensorboard", "--report-to tensorboard", "pass --report-to none")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in values.items()), 0)
+
+    def log(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def log_final(self, final, step: int) -> None:
+        from PIL import Image
+
+        self.writer.add_text("classification_report", "    " + final.text.replace("\n", "\n    "), step)
+        for name, path in final.plots.items():
+            with Image.open(path) as image:
+                self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+TRACKERS = {tracker.name: tracker for tracker in (WandbTracker, TensorBoardTracker)}
+
+
+def selected(report_to: str) -> list[str]:
+    return list(TRACKERS) if report_to == "all" else [] if report_to == "none" else [report_to]
+
+
+class Trackers:
+    """The trackers of a run, behind one interface. One that fails while logging is reported
+    once and dropped (metrics.jsonl still has everything); the run goes on."""
+
+    def __init__(self, names: list[str], output_dir: Path, config: Config, run_id: str, values: dict,
+                 say=print):
+        self.say, self.active = say, []
+        try:
+            for name in names:
+                self.active.append(TRACKERS[name](Path(output_dir), config, run_id, values, say))
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, values: dict, step: int) -> None:
+        self._each("log", values, step)
+
+    def log_final(self, final, step: int) -> None:
+        self._each("log_final", final, step)
+
+    def close(self) -> None:
+        self._each("close")
+        self.active = []
+
+    def _each(self, method: str, *args) -> None:
+        for tracker in list(self.active):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # a tracker must not end a run; the metrics file has all
+                self.say(f"warning: {tracker.name} failed ({_one_line(err)}); it logs nothing more")
+                self.active.remove(tracker)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import distributed, evaluate  # noqa: E402
+from dist_resnet import distributed, recipe  # noqa: E402
 from dist_resnet.model import ResNet  # noqa: E402
 
 WIDTHS = (4, 8, 8)
@@ -40,7 +40,7 @@ def fixed_test_set(num_samples: int):
 
 def run_evaluate(args, accelerator) -> None:
     images, labels = fixed_test_set(args.num_samples)
-    result = evaluate.evaluate(fixed_model(), images, labels, accelerator, args.batch_size)
+    result = recipe.evaluate(fixed_model(), images, labels, accelerator, args.batch_size)
     if accelerator.is_main_process:
         np.savez(args.out, labels=result.labels, predictions=result.predictions, losses=result.losses,
                  world_size=accelerator.num_processes)
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=101)
     parser.add_argument("--batch-size", type=int, default=7)
     args = parser.parse_args()
-    accelerator = distributed.setup(cpu=True, mixed_precision="no", log_with=None,
-                                    project_dir=None, timeout_s=120)
+    accelerator = distributed.setup(cpu=True, mixed_precision="no", timeout_s=120)
     try:
         {"evaluate": run_evaluate}[args.mode](args, accelerator)
     finally:

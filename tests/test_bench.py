@@ -1,24 +1,25 @@
 """The benchmark as users start it (`python -m dist_resnet.bench --quick`), on the CPU, on the
-synthetic data it writes itself. A smoke test: it checks the output, never a timing."""
+synthetic data it writes itself, and the proof that it measures train.py's own recipe. It
+checks the output and the weights, never a timing."""
 
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import describe, run
+from conftest import TRAIN_PY, describe, run
 from dist_resnet import bench, data
-from dist_resnet.config import FAST_RECIPE
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     json_out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
-    # One thread: on a busy 2-core machine two threads wait on each other; --quick took 18 s
-    # there with two and 7 s with one.
+    # One thread: on a busy 2-core machine two threads wait on each other.
     result = run([sys.executable, "-m", "dist_resnet.bench", "--quick", "--device", "cpu",
-                  "--json-out", json_out], timeout=240, env={"OMP_NUM_THREADS": "1"})
+                  "--json-out", json_out], timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, describe(result)
     return result, json_out
 
@@ -26,7 +27,7 @@ def quick_run(tmp_path_factory):
 def test_json_lines_name_every_config_once(quick_run):
     result, json_out = quick_run
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
-    assert [r["config"] for r in rows] == list(bench.RECIPES)
+    assert [r["config"] for r in rows] == list(bench.CONFIGS)
     # stdout holds the same JSON lines and nothing else; the table went to stderr
     assert [json.loads(line) for line in result.stdout.splitlines()] == rows
     assert "x notebook" in result.stderr and "SYNTHETIC DATA" in result.stderr
@@ -42,6 +43,7 @@ def test_baseline_and_eager_configs_measured(quick_run):
         assert row["device"] == "cpu" and row["data"] == "synthetic"
         assert row["torch"] == torch.__version__ and row["date"] and row["cpu_count"] >= 1
         assert row["memory_kind"].startswith("cpu peak RSS")
+        assert row["train_options"][:len(bench.CONFIGS[name][1])] == bench.CONFIGS[name][1]
     assert rows["notebook"]["speedup_vs_notebook"] == 1.0
 
 
@@ -59,63 +61,108 @@ def test_time_to_accuracy_refuses_synthetic_data(capsys):
     assert "--time-to-accuracy needs MNIST in --data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, fragment", [(["--seed", "-1"], "--seed"), (["--time-to-accuracy", "1.5"], "--time-to"),
+                                            (["--json-out", "/proc/no/such.jsonl"], "--json-out"),
+                                            (["--configs", "fastest"], "unknown fastest")])
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in quick_run: two threads on a busy machine take several times longer
+    torch.set_num_threads(1)  # as the train.py processes they are compared with
     yield
     torch.set_num_threads(before)
 
 
-def time_to_accuracy(settings: bench.Settings, mnist_dir):
-    """bench.time_to_accuracy, in-process, eager fp32, on 512 of the tests' digits (2 batches of
-    256): (the trained model, the result)."""
-    recipe, cpu = bench.RECIPES["eager_fp32"], torch.device("cpu")
-    model, forward, _ = bench.build(recipe, settings.widths, cpu, seed=0)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = bench.DeviceBatches(*data.load_split(mnist_dir, "train", limit=512), 256, recipe, seed=0)
-    return model, bench.time_to_accuracy(model, forward, recipe, batches, data.load_split(mnist_dir, "test"),
-                                         initial, settings, cpu)
+@pytest.fixture(scope="module")
+def small_data(mnist_dir, tmp_path_factory):
+    """The tests' digits with 192 training images: 3 steps of 64 make an epoch."""
+    out = tmp_path_factory.mktemp("small")
+    raw = data.raw_dir(out)
+    raw.mkdir(parents=True)
+    for split, limit in (("train", 192), ("test", None)):
+        images, labels = data.load_split(mnist_dir, split, limit)
+        image_file, label_file = data.FILES[split]
+        data.write_idx(raw / image_file, images[:, 0].numpy())
+        data.write_idx(raw / label_file, labels.numpy().astype(np.uint8))
+    return out
+
+
+def settings_for(data_dir, *argv) -> bench.Settings:
+    return bench.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--widths", "4,4,4",
+                             "--batch-size", "64", *argv])
+
+
+def test_a_config_trains_exactly_what_train_py_trains(small_data, tmp_path, one_thread):
+    """The benchmark's eager_fp32 steps and `train.py` with the same options end with bitwise
+    the same weights: one step function, one data order, one initialisation."""
+    options = bench.train_options("eager_fp32", settings_for(small_data), small_data)
+    out = tmp_path / "train"
+    result = run([sys.executable, TRAIN_PY, *options, "--epochs", "1", "--output-dir", out],
+                 env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+
+    recipe = bench.build(options)
+    steps = bench.epoch_steps(recipe, notebook=False)(0)
+    for step in steps:  # the one epoch train.py trained: 3 steps
+        step()
+    expected = load_file(out / "model.safetensors")
+    got = recipe.net.state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_cuda_graph_steps_are_marked(small_data, one_thread, monkeypatch):
+    """--compile-mode reduce-overhead: every step tells CUDA-graph trees that the previous
+    step's outputs are dead, in the benchmark and train.py alike (one step function). Checked
+    without a GPU: torch.compile records its mode and returns the model."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    # fp32: an in-process Accelerator keeps the precision it was first built with.
+    options = [*bench.train_options("compiled_cudagraphs", settings_for(small_data), small_data),
+               "--mixed-precision", "no"]
+    recipe = bench.build(options)
+    assert modes == ["reduce-overhead"]
+    for index in recipe.batches(0):
+        recipe.step(index)
+    assert len(marks) == recipe.steps_per_epoch == 3
+    plain = bench.build([*bench.train_options("compiled", settings_for(small_data), small_data),
+                         "--mixed-precision", "no"])
+    plain.step(plain.batches(0)[0])
+    assert len(marks) == 3  # no marks without CUDA graphs
 
 
 @pytest.mark.parametrize("target", [0.01, 1.0])  # reached at the first evaluation; never reached
-def test_time_to_accuracy_reports_the_epochs(mnist_dir, one_thread, target):
+def test_time_to_accuracy_reports_the_epochs(small_data, one_thread, target):
     """The epoch loop: it checks the bookkeeping, not the learning."""
-    settings = bench.parse_args(["--device", "cpu", "--data-dir", str(mnist_dir), "--batch-size", "256",
-                                 "--widths", "4,4,4", "--time-to-accuracy", str(target),
-                                 "--max-epochs", "1"])
-    model, result = time_to_accuracy(settings, mnist_dir)
-    assert len(result["accuracy_per_epoch"]) == 1 and result["target"] == target
-    assert result["best_accuracy"] == result["accuracy_per_epoch"][0]
+    settings = settings_for(small_data, "--time-to-accuracy", str(target), "--max-epochs", "2")
+    result = bench.measure(bench.train_options("eager_fp32", settings, small_data), notebook=False,
+                           steps=1, warmup=1, target=target)["time_to_accuracy"]
+    assert result["target"] == target and result["max_epochs"] == 2
+    assert result["best_accuracy"] == max(result["accuracy_per_epoch"])
     if target < 0.1:
-        assert result["seconds"] > 0 and result["epochs"] == 1
+        assert result["seconds"] > 0 and result["epochs"] == 1 == len(result["accuracy_per_epoch"])
     else:
-        assert result["seconds"] is None and result["epochs"] is None
+        assert result["seconds"] is None and result["epochs"] is None and len(result["accuracy_per_epoch"]) == 2
 
 
-def test_time_to_accuracy_with_the_fast_recipe(mnist_dir, one_thread):
+def test_time_to_accuracy_with_the_fast_recipe(small_data, one_thread):
     """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, and
-    BatchNorm statistics recomputed before each evaluation (here over the 2 batches there are)."""
-    settings = bench.parse_args(["--device", "cpu", "--data-dir", str(mnist_dir), "--widths", "4,4,4",
-                                 "--batch-size", "256", "--time-to-accuracy", "1.0", "--recipe", "fast"])
-    assert settings.optimisation == "fast" and settings.max_epochs == FAST_RECIPE["epochs"]
-    assert bench.parse_args(["--recipe", "fast", "--device", "cpu"]).batch_size == FAST_RECIPE["batch_size"]
-    model, result = time_to_accuracy(settings, mnist_dir)
-    assert result["optimisation"] == "fast" and result["seconds"] is None  # 100% is never reached
-    assert len(result["accuracy_per_epoch"]) == FAST_RECIPE["epochs"]
-    # the recalibrated statistics are the plain average over those 2 batches, not a running one
-    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert norm.num_batches_tracked.item() == 2
-
-
-
-def test_augmented_batches_are_transformed_training_batches(mnist_dir):
-    """compiled_augment's batches: the same images and labels as compiled's, moved by a random
-    affine transform (the timed region includes it, as train.py's step does)."""
-    images, labels = data.load_split(mnist_dir, "train", limit=512)
-    plain = next(bench.DeviceBatches(images, labels, 256, bench.RECIPES["compiled"], seed=0).epoch(0))
-    moved = next(bench.DeviceBatches(images, labels, 256, bench.RECIPES["compiled_augment"], seed=0).epoch(0))
-    assert torch.equal(plain[1], moved[1]) and plain[0].shape == moved[0].shape
-    assert moved[0].is_contiguous(memory_format=torch.channels_last)
-    differs = (plain[0] - moved[0]).abs().flatten(1).amax(1) > 0.5
-    assert differs.float().mean() > 0.9
+    BatchNorm statistics recomputed before each evaluation (here over the 3 batches there are)."""
+    settings = settings_for(small_data, "--time-to-accuracy", "1.0", "--recipe", "fast")
+    options = bench.train_options("eager_fp32", settings, small_data)
+    assert "--epochs" not in options  # the fast recipe's own
+    recipe = bench.build(options)
+    assert (recipe.config.schedule, recipe.config.lr, recipe.config.bn_recalibrate) == ("onecycle", 8e-3, 16)
+    assert not recipe.config.compile and recipe.config.mixed_precision == "no"  # the config's speed options win
+    result = bench.time_to_accuracy(recipe, bench.epoch_steps(recipe, notebook=False), 1.0)
+    assert result["seconds"] is None and len(result["accuracy_per_epoch"]) == 3  # 100% is never reached
+    norm = next(m for m in recipe.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm.num_batches_tracked.item() == 3  # the plain average over the epoch's 3 batches

@@ -3,7 +3,8 @@ import sys
 import pytest
 
 from conftest import TRAIN_PY, describe, run
-from dist_resnet.config import Config, parse_config
+from dist_resnet.config import Config
+from dist_resnet.train import parse_args as parse_config
 
 
 def test_defaults_are_the_reference_recipe(monkeypatch):
@@ -46,14 +47,27 @@ def test_options_are_applied(monkeypatch):
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--report-to", "mlflow"], "--report-to"),
     (["--bogus-option"], "unrecognized"),
+    (["--resume", "auto"], "--resume auto needs --output-dir"),
+    (["--resume", "auto", "--output-dir", "x", "--overwrite"], "choose one"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--dist-timeout", "1e300"], "--dist-timeout"),
+    (["--batch-size", str(10**30)], "--batch-size"),
+    (["--widths", "100000,100000"], "--widths"),
+    (["--widths", ",".join(["8"] * 17)], "--widths"),
+    (["--epochs", str(10**9)], "--epochs"),
+    (["--run-name", ".."], "--run-name"),
+    (["--run-name", "/etc/x"], "--run-name"),
+    (["--run-name", "a/b"], "--run-name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         parse_config(argv)
     assert exit_info.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dist_resnet")]
-    assert len(error_lines) == 1 and fragment in error_lines[0]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err  # the error alone, not argparse's usage block
+    assert err.startswith("dist_resnet/train.py: error: ") and fragment in err
 
 
 @pytest.mark.parametrize("world_size, batch_size", [(3, 2048), (4, 2), (2, 1)])
@@ -63,6 +77,28 @@ def test_global_batch_must_split_evenly(world_size, batch_size, capsys, monkeypa
         parse_config(["--batch-size", str(batch_size)])
     assert exit_info.value.code == 2
     assert f"multiple of the {world_size} processes" in capsys.readouterr().err
+
+
+def test_an_invalid_wandb_mode_in_the_environment_is_bad_input(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config([])
+    assert exit_info.value.code == 2 and "WANDB_MODE='offlin' is not a W&B mode" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert parse_config([]).wandb_mode is None  # valid: left to the tracker
+
+
+def test_a_run_record_is_read_as_strictly_as_the_command_line():
+    values = Config().to_dict()
+    assert Config.from_dict(values, "x") == Config()
+    for change, expected in [({"test_limit": -5}, "test_limit must be"), ({"widths": "32"}, "expected a list"),
+                             ({"lr": "0.1"}, "expected float"), ({"bogus": 1}, "unknown bogus"),
+                             ({"compile_mode": "fastest"}, "compile_mode must be one of")]:
+        with pytest.raises(ValueError, match=expected):
+            Config.from_dict({**values, **change}, "x")
+    with pytest.raises(ValueError, match="missing epochs"):
+        Config.from_dict({k: v for k, v in values.items() if k != "epochs"}, "x")
 
 
 def test_cli_rejects_bad_input_before_any_work():

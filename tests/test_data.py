@@ -1,11 +1,14 @@
 import gzip
 import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import TRAIN_PY, describe, run
+from torchvision.datasets import MNIST
+
+from conftest import TRAIN_PY, describe, run, wait_for
 from dist_resnet.data import FILES, DataError, ensure_mnist, load_split, make_sampler, raw_dir, shard_batches
 
 ALL_FILES = [name for pair in FILES.values() for name in pair]
@@ -33,10 +36,63 @@ def test_missing_files_without_download_name_directory_and_files(tmp_path):
     assert all(name in message for name in ALL_FILES)
 
 
-def test_failed_download_is_a_clear_error(tmp_path):
-    # This machine has no route to the MNIST mirrors: the attempt fails, clearly.
-    with pytest.raises(DataError, match="could not download MNIST into .* Copy the four files"):
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    # A mirror that refuses every connection, whatever network this machine has.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DataError, match=r"could not download MNIST into .* Copy the four files .*\*-ubyte\.gz"):
         ensure_mnist(tmp_path, download=True)
+    assert not list(tmp_path.rglob("*-ubyte*")) and [p.name for p in tmp_path.iterdir()] == ["MNIST"]
+
+
+def test_a_raw_file_that_disagrees_with_its_gz_is_reported(data_copy):
+    """What a decompression cut short left behind (before decompression went through a
+    temporary file): a truncated raw file beside the good .gz."""
+    raw = raw_dir(data_copy)
+    name = "train-images-idx3-ubyte"
+    content = (raw / name).read_bytes()
+    with gzip.open(raw / f"{name}.gz", "wb") as f:
+        f.write(content)
+    (raw / name).write_bytes(content[: len(content) // 3])
+    with pytest.raises(DataError, match=f"{name} .* disagrees with .*{name}.gz .* delete the one that is damaged"):
+        ensure_mnist(data_copy, download=False)
+    (raw / name).unlink()  # as the message says
+    ensure_mnist(data_copy, download=False)
+    assert (raw / name).read_bytes() == content
+
+
+def test_a_decompression_bomb_is_refused_and_leaves_nothing(data_copy):
+    raw = raw_dir(data_copy)
+    name = "t10k-images-idx3-ubyte"
+    (raw / name).unlink()
+    with gzip.open(raw / f"{name}.gz", "wb") as f:
+        for _ in range(80):
+            f.write(bytes(1 << 20))  # 80 MiB of zeros: 80 KB packed
+    with pytest.raises(DataError, match="unpacks to more than 64 MiB"):
+        ensure_mnist(data_copy, download=False)
+    assert sorted(p.name for p in raw.iterdir() if name in p.name) == [f"{name}.gz"]  # no partial file
+
+
+def test_a_killed_decompression_leaves_no_partial_file(data_copy):
+    """SIGKILL in the middle of unpacking: the raw file is never half there, and the next
+    start unpacks it whole."""
+    raw = raw_dir(data_copy)
+    name = "train-images-idx3-ubyte"
+    content = (raw / name).read_bytes() * 6  # 14 MB: long enough to be caught in the middle
+    (raw / name).unlink()
+    with gzip.open(raw / f"{name}.gz", "wb", compresslevel=1) as f:
+        f.write(content)
+    unpacker = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, gzip; from dist_resnet import data\n"
+        "class Slow(gzip.GzipFile):\n"
+        "    def read(self, n=-1):\n        time.sleep(0.2); return super().read(n)\n"
+        "data.gzip.open = lambda path, mode: Slow(path, mode)\n"
+        "data.ensure_mnist(sys.argv[1], download=False)"), str(data_copy)])
+    wait_for(lambda: list(raw.glob(f".{name}.*.tmp")), timeout=60, what="the decompression to start")
+    unpacker.kill()
+    unpacker.wait()
+    assert not (raw / name).exists()
+    ensure_mnist(data_copy, download=False)
+    assert (raw / name).read_bytes() == content
 
 
 def test_gzipped_files_are_decompressed_in_place(data_copy):
@@ -71,7 +127,7 @@ def test_cli_missing_data_exits_2_with_one_clear_message(tmp_path):
                   "--report-to", "none", "--output-dir", tmp_path / "out"], timeout=120)
     assert result.returncode == 2, describe(result)
     assert "Traceback" not in result.stderr
-    assert result.stderr.count("error: MNIST not found in") == 1
+    assert result.stderr.count("error: MNIST not found in") == 1 and "*-ubyte.gz" in result.stderr
     assert all(name in result.stderr for name in ALL_FILES)
 
 

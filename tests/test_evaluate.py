@@ -7,29 +7,30 @@ import torch.nn.functional as F
 
 from conftest import describe, torchrun
 from dist_resnet.data import normalize
-from dist_resnet.evaluate import Evaluation, _deduplicate
+from dist_resnet.metrics import Evaluation, deduplicate
 from dist_worker import fixed_model, fixed_test_set
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+NAMES = tuple(str(c) for c in range(10))
 
 
 def test_deduplicate_drops_sampler_padding_and_keeps_order():
     # 5 samples over 2 ranks: rank 0 gets 0, 2, 4; rank 1 gets 1, 3 and the padded 0.
     index = np.array([0, 2, 4, 1, 3, 0])
     predictions = np.array([10, 12, 14, 11, 13, 10])
-    result = _deduplicate(index, predictions, predictions - 10, np.zeros(6), num_samples=5)
+    result = deduplicate(index, predictions, predictions - 10, np.zeros(6), num_samples=5, class_names=NAMES)
     assert result.predictions.tolist() == [10, 11, 12, 13, 14]
     assert result.labels.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_deduplicate_refuses_missing_samples():
     with pytest.raises(RuntimeError, match="covered 2 of 3"):
-        _deduplicate(np.array([0, 1]), np.zeros(2), np.zeros(2), np.zeros(2), num_samples=3)
+        deduplicate(np.array([0, 1]), np.zeros(2), np.zeros(2), np.zeros(2), num_samples=3, class_names=NAMES)
 
 
 def test_report_support_is_the_test_set_size():
     labels = np.array([0, 1, 2, 2, 9, 9, 9])
-    text, table = Evaluation(labels, labels[::-1].copy(), np.zeros(7)).report()
+    text, table = Evaluation(labels, labels[::-1].copy(), np.zeros(7), NAMES).report()
     assert table["macro avg"]["support"] == 7 and table["9"]["support"] == 3
     assert table["5"]["support"] == 0  # every class is listed, present or not
     assert "accuracy" in text
@@ -55,5 +56,5 @@ def test_gathered_evaluation_equals_single_process(world_size, num_samples, batc
     assert got["predictions"].tolist() == logits.argmax(1).tolist()
     expected_losses = F.cross_entropy(logits, labels, reduction="none").numpy()
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
-    report = Evaluation(got["labels"], got["predictions"], got["losses"]).report()[1]
+    report = Evaluation(got["labels"], got["predictions"], got["losses"], NAMES).report()[1]
     assert report["macro avg"]["support"] == num_samples

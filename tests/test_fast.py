@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import QUICK, TRAIN_PY, describe, run
-from dist_resnet.config import FAST_RECIPE, parse_config
+from dist_resnet.config import FAST_RECIPE
+from dist_resnet.train import parse_args as parse_config
 from dist_resnet.model import recalibrate_batchnorm
 
 

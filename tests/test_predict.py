@@ -12,10 +12,17 @@ from safetensors.torch import save_file
 
 from conftest import REPO, describe, run
 from dist_resnet.data import load_split, normalize
-from dist_resnet.model import load_model
-from dist_resnet.predict import main, parse_args, predict_files, to_mnist
+from dist_resnet.config import WIDTHS
+from dist_resnet.images import to_mnist
+from dist_resnet.model import load_model as load_weights
+from dist_resnet.predict import main, parse_args, predict_files
 
 PREDICT_PY = REPO / "dist_resnet" / "predict.py"
+
+
+def load_model(path):
+    return load_weights(path, WIDTHS.accepts)
+
 # Forms that reduce to the same grey pixels as the plain file, and forms that resample or
 # compress them.
 LOSSLESS = ["grey", "inverted", "rgba"]

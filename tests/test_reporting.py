@@ -42,16 +42,19 @@ def test_wandb_history_and_summary_hold_the_logged_keys(tracked_run):
 
 
 def test_tensorboard_event_files_read_back(tracked_run):
-    # tensorboard/<project>/ holds the run; its subfolders hold the hparams summaries.
-    events = sorted((tracked_run / "tensorboard" / "dist_resnet").glob("events.out.tfevents.*"))
-    assert len(events) == 1
+    # One run: one event file, and no subfolder runs beside it.
+    events = sorted((tracked_run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].parent == tracked_run / "tensorboard"
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
     tags = accumulator.Tags()
     assert {"train/train_loss", "eval/test_acc", "eval/test_loss"} <= set(tags["scalars"])
     assert len(accumulator.Scalars("eval/test_acc")) == 4
+    for tag in tags["scalars"]:  # each scalar once a step
+        steps = [event.step for event in accumulator.Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
     assert set(tags["images"]) == {"confusion_matrix", "curves", "misclassified"}
-    assert "classification_report/text_summary" in tags["tensors"]
+    assert {"classification_report/text_summary", "config/text_summary"} <= set(tags["tensors"])
 
 
 @pytest.mark.parametrize("name", PLOTS)

@@ -49,11 +49,13 @@ def history(path: Path) -> list[dict]:
 
 
 def config(path: Path) -> dict:
+    """The run's configuration: given to wandb.init (in the run record) or set later."""
     values = {}
     for record in records(path):
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
-                values[item.key] = json.loads(item.value_json)
+        kind = record.WhichOneof("record_type")
+        updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        for item in updates:
+            values[item.key] = json.loads(item.value_json)
     return values
 
 

@@ -1,0 +1,35 @@
+"""The one convention the commands (train, evaluate, predict, bench) share for failures: a
+failure the user can cause and fix is one line, `PROG: error: ...`, and an exit code from
+config.ExitCode; anything else is a bug and keeps its traceback."""
+
+import sys
+
+from dist_resnet.checkpoint import CheckpointError, CheckpointWriteError
+from dist_resnet.config import ExitCode, MissingPackage
+from dist_resnet.data import DataError
+from dist_resnet.images import InputError
+from dist_resnet.model import WeightsError
+from dist_resnet.recipe import NonFiniteLoss, TooFewImages
+from dist_resnet.rundir import CannotWrite, RunDirError
+from dist_resnet.tracking import TrackerError
+
+USER_ERRORS = {
+    DataError: ExitCode.BAD_INPUT, InputError: ExitCode.BAD_INPUT, WeightsError: ExitCode.BAD_INPUT,
+    CheckpointError: ExitCode.BAD_INPUT, RunDirError: ExitCode.BAD_INPUT,
+    MissingPackage: ExitCode.BAD_INPUT, TooFewImages: ExitCode.BAD_INPUT,
+    NonFiniteLoss: ExitCode.NON_FINITE,
+    CannotWrite: ExitCode.CANNOT_WRITE, CheckpointWriteError: ExitCode.CANNOT_WRITE,
+    TrackerError: ExitCode.TRACKER,
+}
+USER_ERROR_TYPES = tuple(USER_ERRORS)
+
+
+def exit_code(err: BaseException) -> ExitCode:
+    return next(code for kind, code in USER_ERRORS.items() if isinstance(err, kind))
+
+
+def fail(prog: str, err: BaseException, show: bool = True) -> ExitCode:
+    """Say what went wrong in one line (where show: rank 0 of a job) and return its exit code."""
+    if show:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+    return exit_code(err)

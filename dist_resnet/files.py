@@ -1,0 +1,124 @@
+"""Writing run files so that a crash, a kill or a full disk never leaves a half-written one,
+and the lock that gives an output directory to one live run at a time."""
+
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, content: bytes | str) -> Path:
+    """Write the whole file under a temporary name in the same directory, then rename it over
+    `path`: a reader sees the old file or the new one, never part of one."""
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    # open(..., "x") rather than mkstemp: mkstemp makes the file private (0600), and the
+    # rename would carry that onto a file other users should be able to read.
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temp, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line with a single write to a file opened for appending: a kill lands
+    before or after it. A disk that fills mid-write can still cut it short; read_jsonl
+    ignores such a last line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file, and how many lines were skipped because they do not
+    parse (a line cut short by a crash). A missing file holds no records."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return [], 0
+    records, skipped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+def read_record(path: str | Path, version: int) -> dict:
+    """A JSON object written with {"format": version}; ValueError names what is wrong with it:
+    unreadable, not an object, or of another format (another version of dist_resnet)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    found = values.get("format") if isinstance(values, dict) else None
+    if found != version:
+        raise ValueError(f"{path}: not written by this version of dist_resnet (format {found}, "
+                         f"this version reads {version})")
+    return values
+
+
+def sync_dir(path: str | Path) -> None:
+    """Make a directory's entries durable before a rename that publishes them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LockedError(Exception):
+    """The lock is held by another live process; the message says which."""
+
+
+class DirectoryLock:
+    """An exclusive lock on DIR/.lock, held while this process lives.
+
+    flock() locks belong to the open file: the kernel releases them when the process ends,
+    however it ends, so a lock left by a killed run is free again without anyone cleaning up.
+    The file also records who holds it, for the message a second run gets."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent} is in use by a live run ({holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the lock
+            self.fd = None

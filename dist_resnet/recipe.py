@@ -1,0 +1,208 @@
+"""The training recipe, one code path for train.py and the benchmark: the model as a run
+builds and wraps it, the optimizer and schedule, the training step, the epoch's batches,
+BatchNorm recalibration and the sharded evaluation.
+
+Adding a schedule is one entry in SCHEDULES; the command line offers every entry.
+"""
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from dist_resnet import data, distributed
+from dist_resnet.config import Config
+from dist_resnet.metrics import Evaluation, deduplicate
+from dist_resnet.model import NUM_CLASSES, ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
+
+CLASS_NAMES = tuple(str(c) for c in range(NUM_CLASSES))
+
+# name -> (optimizer, config, total optimizer steps) -> a scheduler stepped once per
+# optimizer step, or None for a constant learning rate.
+SCHEDULES: dict[str, Callable] = {
+    "constant": lambda optimizer, config, total_steps: None,
+    "onecycle": lambda optimizer, config, total_steps: torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps),
+}
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class TooFewImages(Exception):
+    """The global batch does not fit in the training set."""
+
+
+class Recipe:
+    """One rank's part of training: built on every rank, stepped by every rank in lockstep."""
+
+    def __init__(self, config: Config, accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor):
+        self.config, self.accelerator = config, accelerator
+        self.images, self.labels = images, labels  # uint8 [N, 1, 28, 28] and int64 [N], on the device
+        world_size = accelerator.num_processes
+        self.per_process_batch = config.batch_size // world_size
+        self.sampler = data.make_sampler(len(labels), world_size, accelerator.process_index,
+                                         shuffle=True, seed=config.seed)
+        # A compiled model wants static shapes: the ragged last batch is dropped then.
+        self.drop_last = config.compile
+        self.steps_per_epoch = (self.sampler.num_samples // self.per_process_batch if self.drop_last
+                                else math.ceil(self.sampler.num_samples / self.per_process_batch))
+        if self.steps_per_epoch == 0 or config.batch_size > len(labels):
+            raise TooFewImages(f"--batch-size {config.batch_size} is larger than the {len(labels)} "
+                               "training images: lower --batch-size")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
+
+        set_seed(config.seed)  # the initial weights come from the seed, the same on every rank
+        net = ResNet(config.widths)
+        self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
+        if self.sync_bn:
+            net = convert_sync_bn(net)
+        if config.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        on_gpu = accelerator.device.type == "cuda"
+        torch.backends.cudnn.benchmark = on_gpu  # the shapes are fixed: pick the fastest kernels once
+        # Fused Adam: one kernel for all parameters instead of several per tensor (CUDA only).
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=on_gpu)
+        # The schedule steps once per optimizer step, so it is not handed to accelerate.prepare
+        # (whose wrapper steps it once per process).
+        self.scheduler = SCHEDULES[config.schedule](optimizer, config, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(net, optimizer)
+        self.net = accelerator.unwrap_model(self.model)
+        # The compiled module only runs the training step. Never hand it to accelerate: its
+        # unwrap_model (keep_torch_compile=True) re-points a compiled module's _orig_mod at the
+        # model inside DDP, and the steps after that would silently skip the gradient all-reduce.
+        self.forward = torch.compile(self.model, mode=config.compile_mode) if config.compile else self.model
+        self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
+
+    def state(self) -> dict:
+        """Everything a checkpoint restores besides the random generators: name -> an object
+        with state_dict() and load_state_dict()."""
+        parts = {"model": self.net, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "scaler": self.accelerator.scaler}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def restart(self) -> None:
+        """Back to the initial weights and a fresh optimizer and schedule, keeping what was
+        compiled (the benchmark times training from scratch without compiling again)."""
+        parts = self.state()
+        for name, state in self._initial.items():
+            parts[name].load_state_dict(copy.deepcopy(state))
+
+    def batches(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """This rank's index batches of one epoch: a new shuffle each epoch, the same on every
+        rank, uploaded to the device once."""
+        self.sampler.set_epoch(epoch)
+        return data.shard_batches(self.sampler, self.per_process_batch, self.accelerator.device,
+                                  self.drop_last)
+
+    def step(self, index: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the training images at `index`; the loss, still on the device."""
+        return self.step_on(self.images[index], self.labels[index])
+
+    def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch of 0-255 pixels. Nothing in it waits for the device."""
+        if self.config.augment:
+            images = data.random_affine(images)
+        if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.forward(data.normalize(images, channels_last=self.config.channels_last))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def recalibrate(self, batches) -> None:
+        """--bn-recalibrate: BatchNorm statistics from the first batches of `batches`, not the
+        lagging running averages (every rank takes part: SyncBatchNorm all-reduces)."""
+        if self.config.bn_recalibrate:
+            recalibrate_batchnorm(self.net, [
+                data.normalize(self.images[index], channels_last=self.config.channels_last)
+                for index in batches[:self.config.bn_recalibrate]])
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+        distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics
+        return evaluate(self.net, images, labels, self.accelerator, self.per_process_batch)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             accelerator: Accelerator, batch_size: int) -> Evaluation:
+    """Each rank predicts its DistributedSampler shard; all ranks gather everything, and the
+    result equals a single-process evaluation exactly.
+
+    Pass the unwrapped model: evaluation then runs no collective inside forward, and ranks
+    may hold different batch counts. Every rank must call this (the gather is collective).
+    """
+    sampler = data.make_sampler(len(labels), accelerator.num_processes, accelerator.process_index,
+                                shuffle=False)
+    was_training = model.training
+    model.eval()
+    parts = []
+    for index in data.shard_batches(sampler, batch_size, images.device):
+        with accelerator.autocast():
+            logits = model(data.normalize(images[index])).float()
+        y = labels[index]
+        parts.append((index, logits.argmax(1), y, F.cross_entropy(logits, y, reduction="none")))
+    model.train(was_training)
+    index, predictions, targets, losses = (torch.cat(t) for t in zip(*parts))
+    gathered = [accelerator.gather(t).cpu().numpy() for t in (index, predictions, targets, losses)]
+    return deduplicate(*gathered, num_samples=len(labels), class_names=CLASS_NAMES)
+
+
+class LossWindow:
+    """Loss and throughput since the last log. The loss is summed on the device, so a step
+    never waits for the GPU; it is all-reduced only when logged or checkpointed."""
+
+    def __init__(self, accelerator: Accelerator, state: dict | None = None):
+        self.accelerator = accelerator
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.steps, self.images = 0, 0
+        if state:  # a resumed run continues the window its checkpoint was taken in
+            self.loss_sum += state["loss_sum"]
+            self.steps, self.images = state["steps"], state["images"]
+        self.restart_clock()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.images += images
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def _mean_loss_sum(self, step: int) -> float:
+        total = self.accelerator.reduce(self.loss_sum, "mean").item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"the training loss became {total} in the {self.steps} step(s) up to step {step}; "
+                "training stopped there and no checkpoint was written after it (the last good one "
+                "is kept). Try a lower --lr, or --mixed-precision no."
+            )
+        return total
+
+    def collect(self, step: int) -> tuple[float, float]:
+        """(mean loss over ranks and steps, images/s) since the last log; starts a new window."""
+        mean_loss = self._mean_loss_sum(step) / self.steps
+        images_per_s = self.images / (time.perf_counter() - self.clock)
+        self.loss_sum.zero_()
+        self.steps, self.images = 0, 0
+        self.restart_clock()
+        return mean_loss, images_per_s
+
+    def state(self, step: int) -> dict:
+        # Every rank resumes with the ranks' mean: the next log's all-reduced mean is the same.
+        return {"loss_sum": self._mean_loss_sum(step), "steps": self.steps, "images": self.images}

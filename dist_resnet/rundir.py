@@ -1,0 +1,157 @@
+"""The output directory of a run: which run it belongs to, what it records about that run
+(config.json), and the rules that keep one run from destroying or mixing with another.
+
+- A new run goes into an empty or new directory. A directory that holds a run is refused,
+  unless --resume auto continues that run (its options checked against it) or --overwrite
+  replaces it (deleting the files a run writes, and only those).
+- A lock (.lock, files.DirectoryLock) keeps a second live run out; the kernel frees it when
+  its run dies, so a killed run's lock never blocks.
+"""
+
+import dataclasses
+import json
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_resnet import files
+from dist_resnet.config import Config, from_values, resume_mismatches
+
+FORMAT = 1  # of config.json; another value is refused
+RECORD = "config.json"
+# Every name a run writes into its output directory (tests/test_rundir.py keeps this true):
+# what marks a directory as a run's, and what --overwrite deletes.
+RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
+             "classification_report.json", "confusion_matrix.png", "curves.png",
+             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval")
+
+
+class RunDirError(Exception):
+    """An output directory this run may not use, with what to do instead."""
+
+
+class CannotWrite(Exception):
+    """An output that could not be written (permissions, a full disk, a path that is a file)."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a run resolved at its start, recorded beside its options."""
+
+    world_size: int
+    per_process_batch: int
+    sync_bn_active: bool
+    device: str
+    resolved_mixed_precision: str
+    num_parameters: int
+    train_size: int
+    test_size: int
+    steps_per_epoch: int
+    started: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """config.json: the run's id, its options and its facts, as one flat JSON object."""
+
+    run_id: str
+    config: Config
+    facts: Facts
+
+    def write(self, directory: Path) -> None:
+        values = {"format": FORMAT, "run_id": self.run_id, **self.config.to_dict(),
+                  **dataclasses.asdict(self.facts)}
+        files.write_atomic(directory / RECORD, json.dumps(values, indent=2) + "\n")
+
+    def flat(self) -> dict:
+        """Options and facts in one dict, as trackers show a run's configuration."""
+        return {"run_id": self.run_id, **self.config.to_dict(), **dataclasses.asdict(self.facts)}
+
+    @classmethod
+    def read(cls, directory: Path) -> "RunRecord":
+        path = Path(directory) / RECORD
+        try:
+            values = files.read_record(path, FORMAT)
+        except ValueError as err:
+            raise RunDirError(str(err)) from None
+        option_names = {f.name for f in dataclasses.fields(Config)}
+        fact_names = {f.name for f in dataclasses.fields(Facts)}
+        unknown = values.keys() - option_names - fact_names - {"format", "run_id"}
+        try:
+            if unknown:
+                raise ValueError(f"unknown {', '.join(sorted(unknown))}")
+            if not isinstance(values.get("run_id"), str):
+                raise ValueError("no run_id")
+            config = Config.from_dict({k: values[k] for k in option_names if k in values}, "options")
+            facts = from_values(Facts, {k: values[k] for k in fact_names if k in values}, "facts")
+        except ValueError as err:
+            raise RunDirError(f"{path}: damaged ({err})") from None
+        return cls(values["run_id"], config, facts)
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(6)
+
+
+def default_run_name() -> str:
+    """The start time and a random suffix: runs started in the same second get their own."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def holds_run(directory: Path) -> bool:
+    return any((directory / name).exists() for name in RUN_FILES)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What rank 0 decided about the output directory."""
+
+    run_id: str
+    continues: RunRecord | None  # the record of the run this one continues in the same directory
+
+
+def claim(config: Config, lock: files.DirectoryLock, checkpoint_run_id: str | None) -> Claim:
+    """Make config.output_dir this run's, or raise RunDirError / CannotWrite saying why not.
+    Called on rank 0 only; the lock stays held until released (or the process ends).
+    checkpoint_run_id: the run of the checkpoint --resume PATH names."""
+    directory = Path(config.output_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except files.LockedError as err:
+        raise RunDirError(f"{err}: wait for it to end, or choose another --output-dir") from None
+    except (FileExistsError, NotADirectoryError):
+        raise CannotWrite(f"--output-dir {directory}: a file is in the way of this directory") from None
+    except OSError as err:
+        raise CannotWrite(f"--output-dir {directory}: cannot write there ({err.strerror or err})") from None
+
+    if not holds_run(directory):
+        others = [p.name for p in directory.iterdir() if p.name != ".lock"]
+        if others and not config.overwrite and config.resume != "auto":
+            raise RunDirError(f"--output-dir {directory} is not empty and holds no dist_resnet run "
+                              f"({', '.join(sorted(others)[:3])}...): choose a new or empty directory, "
+                              "or pass --overwrite to write there anyway")
+        return Claim(checkpoint_run_id if config.resume not in (None, "auto") else new_run_id(), None)
+    if config.overwrite:
+        for name in RUN_FILES:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        return Claim(new_run_id(), None)
+    if config.resume is None:
+        raise RunDirError(f"--output-dir {directory} holds a run already: --resume auto continues it, "
+                          "--overwrite replaces it (deleting its files), or choose another directory")
+    record = RunRecord.read(directory)
+    if config.resume != "auto" and checkpoint_run_id != record.run_id:
+        raise RunDirError(f"--output-dir {directory} holds another run than the checkpoint's: continue "
+                          "the checkpoint in a new or empty --output-dir")
+    mismatches = resume_mismatches(record.config, config)
+    if mismatches:
+        raise RunDirError(f"--output-dir {directory} holds a run with other options: "
+                          f"{'; '.join(mismatches)}. Continue it with the same options, or choose "
+                          "another --output-dir")
+    return Claim(record.run_id, record)
