@@ -1,40 +1,31 @@
 """Training throughput of train.py's recipe under each speed configuration, against the
-reference notebook's loop measured in the same run.
+reference notebook's loop measured in the same run (docs/benchmarks.md: usage, keys, figures).
 
     python -m dist_resnet.bench --quick                        # CPU smoke run, seconds
-    python -m dist_resnet.bench --device cuda --data-dir data --time-to-accuracy 0.99
-    python -m dist_resnet.bench --device cuda --data-dir data --time-to-accuracy 0.99 --recipe fast \\
-        --configs compiled          # train.py --recipe fast's training, timed without compiling
+    python -m dist_resnet.bench --data-dir data --time-to-accuracy 0.99 -- --recipe fast
 
-A configuration is a set of train.py options (CONFIGS), trained by the same recipe.Recipe that
-train.py builds, each in a fresh process of its own (its own compilation, its own peak
-memory). What is timed: `--warmup` steps first (compilation and CUDA-graph recording happen
-there, reported as warmup_s), then `--steps` steps of the recipe and its loss bookkeeping
-between two synchronizations; the loss is read once the clock has stopped. Output: one JSON
-object per configuration on stdout (and in --json-out FILE), as each finishes; progress and
-the closing table go to stderr. docs/benchmarks.md lists the keys and the figures measured.
+A configuration is a set of train.py options (CONFIGS), trained by the recipe.Recipe train.py
+builds, in a fresh process of its own. Timed: --steps steps after --warmup untimed ones (compile
+happens there), between two synchronizations. One JSON line per configuration on stdout (and in
+--json-out); progress and the closing table on stderr.
 """
 
 import itertools
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, distributed, recipe, tracking
-from dist_resnet.config import FAST_RECIPE, SEED, WIDTHS, ExitCode, Parser, parse_config, positive
+from dist_resnet import cli, data, distributed, provenance, recipe, tracking
+from dist_resnet.config import ExitCode, Parser, parse_config, positive
 
 PROG = "python -m dist_resnet.bench"
 SPEED = {"eager": ["--mixed-precision", "no", "--no-channels-last", "--no-compile"],
@@ -48,8 +39,8 @@ CONFIGS = {  # name: (what it is, train.py options)
     "compiled_cudagraphs": ("+ CUDA graphs", [*SPEED["bf16"], "--compile", "--compile-mode", "reduce-overhead"]),
     "compiled_augment": ("compiled + --augment", [*SPEED["bf16"], "--compile", "--augment"]),
 }
-# --quick: seconds on a CPU. Options given explicitly win, as with train.py --debug.
-QUICK = {"widths": (8, 16, 32), "batch_size": 256, "steps": 3, "warmup": 1}
+# --quick: seconds on a CPU; options after -- win, as explicit options win over train.py --debug.
+QUICK = ["--widths", "8,16,32", "--batch-size", "256"]
 SYNTHETIC_SIZES = {"quick": (4096, 512), "full": (60000, 10000)}  # (train, test), full = MNIST's
 
 
@@ -57,8 +48,6 @@ SYNTHETIC_SIZES = {"quick": (4096, 512), "full": (60000, 10000)}  # (train, test
 class Settings:
     device: str  # cpu or cuda
     data_dir: str | None  # MNIST in torchvision's layout; None: synthetic data
-    batch_size: int | None  # None: train.py's (or its fast recipe's)
-    widths: tuple[int, ...] | None
     steps: int
     warmup: int
     configs: tuple[str, ...]  # what runs, in this order, the notebook baseline first
@@ -66,79 +55,55 @@ class Settings:
     quick: bool
     json_out: str | None
     time_to_accuracy: float | None
-    max_epochs: int | None
-    recipe: str  # how --time-to-accuracy trains: train.py's reference or fast recipe
-    seed: int
     timeout: float  # seconds one configuration may take
+    train_args: tuple[str, ...]  # train.py options for every configuration (after --)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = Parser(PROG, __doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda where torch sees one (cpu with --quick)")
-    p.add_argument("--data-dir", default=None, help="MNIST in torchvision's layout; without it, "
-                   "synthetic MNIST-format data that measures speed only")
-    p.add_argument("--batch-size", type=positive(int), default=None,
-                   help="global batch (default: train.py's, 2048, or 512 with --recipe fast; --quick 256)")
-    p.add_argument("--widths", type=WIDTHS, default=None, help="default 32,64,128 (--quick 8,16,32)")
-    p.add_argument("--steps", type=positive(int), default=None,
-                   help="timed steps per configuration (default: 50 on CUDA, 10 on CPU, --quick 3)")
-    p.add_argument("--warmup", type=positive(int), default=None,
-                   help="untimed steps first, compilation included (default: 10 on CUDA, 2 on CPU, --quick 1)")
-    p.add_argument("--configs", default=None,
-                   help=f"comma-separated, from {','.join(CONFIGS)} (default all; notebook always runs)")
-    p.add_argument("--quick", action="store_true",
-                   help="CPU smoke mode: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
-                   + ", synthetic data unless --data-dir, compiled configs skipped on CPU unless named")
-    p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
-    p.add_argument("--time-to-accuracy", type=positive(float, 1.0), default=None, metavar="TARGET",
-                   help="also train each configuration from its initial weights, epoch by epoch, until "
-                   "the test accuracy reaches TARGET (e.g. 0.99); needs MNIST in --data-dir")
-    p.add_argument("--max-epochs", type=positive(int), default=None,
-                   help=f"epochs --time-to-accuracy may train (default 10; --recipe fast: its {FAST_RECIPE['epochs']})")
-    p.add_argument("--recipe", choices=["reference", "fast"], default="reference",
-                   help="how --time-to-accuracy trains: train.py --recipe reference or fast")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda where there is one")
+    p.add_argument("--data-dir", help="MNIST; without it, synthetic data that measures speed only")
+    p.add_argument("--steps", type=positive(int), help="timed steps (default: 50 on CUDA, 10 on CPU, --quick 3)")
+    p.add_argument("--warmup", type=positive(int), help="untimed steps first (default: 10 on CUDA, 2 on CPU, --quick 1)")
+    p.add_argument("--configs", help=f"comma-separated, from {','.join(CONFIGS)} (default all; notebook always runs)")
+    p.add_argument("--quick", action="store_true", help="CPU smoke mode: " + " ".join(QUICK) + ", synthetic data, "
+                   "no compiled configs unless named in --configs")
+    p.add_argument("--json-out", help="also write the JSON lines to this file")
+    p.add_argument("--time-to-accuracy", type=positive(float, 1.0), metavar="TARGET",
+                   help="also train each config from its initial weights until the test accuracy reaches TARGET, "
+                   "for at most train.py's --epochs")
     p.add_argument("--timeout", type=positive(float), default=900.0, help="seconds one configuration may take")
+    p.epilog = "Options after -- are train.py's, for every configuration: -- --recipe fast --batch-size 256"
     args = p.parse_args(argv)
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")
     named = tuple(n.strip() for n in (args.configs or "").split(",") if n.strip())
-    unknown = [n for n in named if n not in CONFIGS]
-    if unknown:
-        p.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    if args.json_out:
-        try:
+    if set(named) - set(CONFIGS):
+        p.error(f"--configs: unknown {', '.join(sorted(set(named) - set(CONFIGS)))}; choose from {', '.join(CONFIGS)}")
+    try:
+        if args.json_out:
             Path(args.json_out).write_text("")
-        except OSError as err:
-            p.error(f"--json-out {args.json_out}: cannot write there ({err.strerror or err})")
-    quick = QUICK if args.quick else {"steps": 50 if device == "cuda" else 10,
-                                      "warmup": 10 if device == "cuda" else 2}
-    given = {k: getattr(args, k) for k in ("widths", "batch_size", "steps", "warmup")}
+    except OSError as err:
+        p.error(f"--json-out {args.json_out}: cannot write there ({err.strerror or err})")
+    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS)  # bad train.py options: exit 2 now
+    small = args.quick or device == "cpu"
     return Settings(
-        device=device, data_dir=args.data_dir,
-        **{k: quick.get(k) if v is None else v for k, v in given.items()},
+        device=device, data_dir=args.data_dir, steps=args.steps or (3 if args.quick else 10 if small else 50),
+        warmup=args.warmup or (1 if args.quick else 2 if small else 10),
         # The baseline always runs, first: every other figure is also a ratio to it.
-        configs=tuple(n for n in CONFIGS if n == "notebook" or not named or n in named),
-        named=named, quick=args.quick, json_out=args.json_out, time_to_accuracy=args.time_to_accuracy,
-        max_epochs=args.max_epochs, recipe=args.recipe, seed=args.seed, timeout=args.timeout)
+        configs=tuple(n for n in CONFIGS if n == "notebook" or not named or n in named), named=named,
+        quick=args.quick, json_out=args.json_out, time_to_accuracy=args.time_to_accuracy, timeout=args.timeout,
+        train_args=tuple(train_args))
 
 
 def train_options(name: str, settings: Settings, data_dir: Path) -> list[str]:
     """The train.py command line that configuration `name` trains with."""
-    options = [*CONFIGS[name][1], "--data-dir", str(data_dir), "--no-download", "--report-to", "none",
-               "--seed", str(settings.seed), "--recipe", settings.recipe]
-    if settings.batch_size:
-        options += ["--batch-size", str(settings.batch_size)]
-    if settings.widths:
-        options += ["--widths", ",".join(map(str, settings.widths))]
-    if settings.max_epochs or settings.recipe == "reference":
-        options += ["--epochs", str(settings.max_epochs or 10)]
-    return options + (["--cpu"] if settings.device == "cpu" else [])
+    return [*CONFIGS[name][1], *(QUICK if settings.quick else []), "--data-dir", str(data_dir), "--no-download",
+            "--report-to", "none", *(["--cpu"] if settings.device == "cpu" else []), *settings.train_args]
 
 
 def skip_reason(name: str, settings: Settings) -> str | None:
@@ -187,7 +152,7 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
     run = build(options)
     device, epochs = run.accelerator.device, epoch_steps(run, notebook)
     stream = itertools.chain.from_iterable(epochs(e) for e in itertools.count())
-    memory = PeakMemory(device)
+    memory_kind, memory_used = peak_memory(device)
     start = time.perf_counter()
     for _ in range(warmup):
         next(stream)()
@@ -196,21 +161,34 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
 
     window = recipe.LossWindow(run.accelerator)
     start = time.perf_counter()
-    with count_host_syncs(device) as syncs:
-        for _ in range(steps):
-            window.add(next(stream)(), run.config.batch_size)
+    for _ in range(steps):
+        window.add(next(stream)(), run.config.batch_size)
     synchronize(device)
     elapsed = time.perf_counter() - start
     mean_loss = window.loss_sum.item() / steps  # read once the clock has stopped
     result = {"batch_size": run.config.batch_size, "widths": list(run.config.widths), "steps": steps,
               "warmup_steps": warmup, "images_per_s": round(steps * run.config.batch_size / elapsed, 1),
-              "ms_per_step": round(1000 * elapsed / steps, 3), "peak_memory_mb": round(memory.peak_mb(), 1),
-              "memory_kind": memory.kind, "warmup_s": round(warmup_s, 3),
-              "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None,  # JSON has no NaN
-              "host_syncs_in_timed_steps": syncs["count"]}
+              "ms_per_step": round(1000 * elapsed / steps, 3), "peak_memory_mb": round(memory_used() / 2**20, 1),
+              "memory_kind": memory_kind, "warmup_s": round(warmup_s, 3),
+              "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None}  # JSON has no NaN
     if target is not None:
         result["time_to_accuracy"] = time_to_accuracy(run, epochs, target)
     return result
+
+
+def peak_memory(device: torch.device):
+    """(what is measured, a function giving the peak in bytes above what is in use now): the
+    CUDA allocator's, or on CPU the resident set (Linux resets its high-water mark on request)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        return "cuda max_memory_allocated delta", lambda: torch.cuda.max_memory_allocated(device) - start
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+
+    def high_water() -> int:
+        return 1024 * int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
+    start = high_water()
+    return "cpu peak RSS delta (VmHWM, reset at the config's start)", lambda: max(0, high_water() - start)
 
 
 def time_to_accuracy(run: recipe.Recipe, epochs, target: float) -> dict:
@@ -238,111 +216,26 @@ def time_to_accuracy(run: recipe.Recipe, epochs, target: float) -> dict:
             "accuracy_per_epoch": history, "max_epochs": run.config.epochs}
 
 
-@contextmanager
-def count_host_syncs(device: torch.device):
-    """On CUDA, counts the operations in the block that made the host wait for the device
-    (torch.cuda.set_sync_debug_mode); yields a dict whose "count" is set on exit."""
-    found = {"count": None}
-    if device.type != "cuda":
-        yield found
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield found
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    found["count"] = sum("synchroniz" in str(w.message) for w in caught)
-
-
-class PeakMemory:
-    """Peak memory above what was in use when it was made: the CUDA allocator's, or on CPU the
-    resident set size (Linux lets a process reset its high-water mark)."""
-
-    def __init__(self, device: torch.device):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.start, self.kind = torch.cuda.memory_allocated(device), "cuda max_memory_allocated delta"
-            self.read = lambda: torch.cuda.max_memory_allocated(device)
-            return
-        self.kind = "cpu peak RSS delta (VmHWM, reset at the config's start)"
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
-        self.read = lambda: 1024 * int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
-        self.start = self.read()
-
-    def peak_mb(self) -> float:
-        return max(0, self.read() - self.start) / 2**20
-
-
 # ---- the run: data, provenance, one process per configuration, the table -------------------------
 
 @contextmanager
 def dataset(settings: Settings):
     """(data_dir, description): the MNIST in --data-dir, else synthetic files in a temporary
     directory that is removed afterwards."""
-    problem = "no --data-dir given"
-    if settings.data_dir:
-        try:
-            data.ensure_mnist(settings.data_dir, download=False)
-            problem = None
-        except data.DataError as err:
-            problem = str(err)
-    if problem is None:
-        yield Path(settings.data_dir), f"mnist:{Path(settings.data_dir).resolve()}"
-        return
-    if settings.time_to_accuracy is not None:
-        raise data.DataError(f"--time-to-accuracy needs MNIST in --data-dir ({problem})")
-    train_size, test_size = SYNTHETIC_SIZES["quick" if settings.quick else "full"]
-    say(f"SYNTHETIC DATA ({problem}): {train_size} random MNIST-format images; the figures "
-        "measure speed only, any accuracy on them means nothing")
-    with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
-        yield write_synthetic_mnist(Path(tmp), train_size, test_size, settings.seed), "synthetic"
-
-
-def write_synthetic_mnist(data_dir: Path, train_size: int, test_size: int, seed: int = 0) -> Path:
-    """MNIST-format files of blurry class templates plus noise: MNIST's shapes and layout, so
-    that every loader (torchvision's MNIST class included) runs; nothing more."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
-    templates = np.zeros((10, 28, 28), dtype=np.float32)
-    for k in range(10):
-        for cy, cx in rng.uniform(7, 21, size=(3, 2)):
-            templates[k] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8)
-    raw = data.raw_dir(data_dir)
-    raw.mkdir(parents=True, exist_ok=True)
-    for split, size in (("train", train_size), ("test", test_size)):
-        labels = rng.integers(0, 10, size=size)
-        images = templates[labels] + 0.1 * rng.standard_normal((size, 28, 28), dtype=np.float32)
-        image_file, label_file = data.FILES[split]
-        data.write_idx(raw / image_file, (np.clip(images, 0, 1) * 255).round().astype(np.uint8))
-        data.write_idx(raw / label_file, labels.astype(np.uint8))
-    return Path(data_dir)
-
-
-def provenance(device: str) -> dict:
-    """Where the figures came from, repeated on every line so each stands alone."""
-    def command(*cmd) -> str | None:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
-            return out.stdout.strip() or None if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
     try:
-        cpu_model = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1]
-    except (OSError, TypeError):
-        cpu_model = platform.processor() or None
-    import torchvision
-
-    on_cuda = device == "cuda"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-            "device_name": torch.cuda.get_device_name() if on_cuda else cpu_model,
-            "gpu_driver": command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_cuda else None,
-            "cuda": torch.version.cuda if on_cuda else None, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "git_commit": command("git", "rev-parse", "HEAD")}
+        if not settings.data_dir:
+            raise data.DataError("no --data-dir given")
+        data.ensure_mnist(settings.data_dir, download=False)
+    except data.DataError as problem:
+        if settings.time_to_accuracy is not None:
+            raise data.DataError(f"--time-to-accuracy needs MNIST in --data-dir ({problem})") from None
+        sizes = SYNTHETIC_SIZES["quick" if settings.quick else "full"]
+        say(f"SYNTHETIC DATA ({problem}): {sizes[0]} random MNIST-format images; the figures measure "
+            "speed only, any accuracy on them means nothing")
+        with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
+            yield data.write_synthetic(tmp, *sizes), "synthetic"
+        return
+    yield Path(settings.data_dir), f"mnist:{Path(settings.data_dir).resolve()}"
 
 
 def run_config(name: str, settings: Settings, data_dir: Path) -> dict:
@@ -372,28 +265,25 @@ def say(message: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    def number(value, fmt):
-        return "-" if value is None else format(value, fmt)
+    def cell(row, key, fmt):
+        return "-" if row.get(key) is None else format(row[key], fmt)
 
-    def to_accuracy(row):
-        tta = row.get("time_to_accuracy")
+    def to_accuracy(tta):
         if not tta:
             return "-"
-        if tta["seconds"] is None:
-            return f"not reached (best {tta['best_accuracy']:.4f})"
-        return f"{tta['seconds']:.2f} s ({tta['epochs']} ep)"
+        return (f"not reached (best {tta['best_accuracy']:.4f})" if tta["seconds"] is None
+                else f"{tta['seconds']:.2f} s ({tta['epochs']} ep)")
 
-    header = ("config", "images/s", "ms/step", "x notebook", "peak MiB", "warm-up s", "host syncs",
-              "to accuracy", "note")
-    lines = [header] + [(
-        r["config"], number(r["images_per_s"], ",.0f"), number(r["ms_per_step"], ".2f"),
-        number(r["speedup_vs_notebook"], ".2f"), number(r["peak_memory_mb"], ".0f"),
-        number(r["warmup_s"], ".2f"), number(r.get("host_syncs_in_timed_steps"), "d"),
-        to_accuracy(r), r["skipped"] or (r["error"] and f"error: {r['error']}") or "",
-    ) for r in rows]
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(w) if i in (0, 7, 8) else str(cell).rjust(w)
-                               for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in lines)
+    columns = [("images/s", "images_per_s", ",.0f"), ("ms/step", "ms_per_step", ".2f"),
+               ("x notebook", "speedup_vs_notebook", ".2f"), ("peak MiB", "peak_memory_mb", ".0f"),
+               ("warm-up s", "warmup_s", ".2f")]
+    lines = [("config", *(c[0] for c in columns), "to accuracy", "note")] + [
+        (r["config"], *(cell(r, key, fmt) for _, key, fmt in columns), to_accuracy(r.get("time_to_accuracy")),
+         r["skipped"] or (r["error"] and f"error: {r['error']}") or "") for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    left = (0, len(lines[0]) - 2, len(lines[0]) - 1)
+    return "\n".join("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+                     for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with dataset(settings) as (data_dir, description):
-            common = {**provenance(settings.device), "data": description, "settings": asdict(settings)}
+            common = {**provenance.describe(settings.device), "data": description, "settings": asdict(settings)}
             say(f"{common['device_name']} ({settings.device}), torch {common['torch']}, "
                 f"{settings.warmup} warm-up + {settings.steps} timed steps per config, data: {description}")
             for name in settings.configs:
@@ -420,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps(row), file=out)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err)
-    say("\n" + table(rows))
-    if description == "synthetic":
-        say("synthetic data: the figures measure speed only")
+    say("\n" + table(rows) + ("\nsynthetic data: the figures measure speed only" if description == "synthetic" else ""))
     return ExitCode.FAILED if any(row["error"] for row in rows) else ExitCode.OK
 
 

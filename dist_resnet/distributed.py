@@ -139,9 +139,9 @@ class StopRequest:
 
     The handlers are installed only while the loop runs (`with stop.handling():`): outside
     it nothing polls the flag, so a signal there ends the process as usual instead of being
-    swallowed. Once a stop is requested they stay, so a repeated SIGTERM or SIGUSR1 changes
-    nothing, neither the checkpoint being written nor the exit status. A second Ctrl-C ends
-    the process at once with exit code 130.
+    swallowed. Once a stop is requested, a repeated SIGTERM or SIGUSR1 changes nothing,
+    neither the checkpoint being written nor the exit status. A second Ctrl-C ends the
+    process at once with exit code 130.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -166,6 +166,11 @@ class StopRequest:
             os._exit(130)  # at once: no cleanup that could block (a collective, a tracker upload)
         if not self.signum:
             self.signum = signum
+            # From now on SIGTERM and SIGUSR1 are ignored by the kernel itself: a Python handler
+            # is reset to the default at interpreter exit, and a repeated signal arriving then
+            # would kill the process after its checkpoint (exit 143 instead of 0).
+            for repeated in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(repeated, signal.SIG_IGN)
             if self.announce:
                 self.announce(f"\n{signal.Signals(signum).name}: stopping after this step with a "
                               "checkpoint" + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))

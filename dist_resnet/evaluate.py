@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import checkpoint, cli, data, distributed, recipe, report, rundir
-from dist_resnet.config import MIXED_PRECISION, WIDTHS, Parser, positive, rank_from_env
+from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, positive, rank_from_env
 from dist_resnet.model import WeightsError, load_model
 
 PROG = "dist_resnet/evaluate.py"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         source = find_source(options.weights)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err, show=rank_from_env() == 0)
-    accelerator = distributed.setup(cpu=options.cpu, timeout_s=600,
+    accelerator = distributed.setup(cpu=options.cpu, timeout_s=Config.dist_timeout,
                                     mixed_precision=options.mixed_precision or source.mixed_precision)
     say = lambda message: distributed.print_main(accelerator, message)  # noqa: E731
     try:

@@ -49,7 +49,8 @@ class Facts:
     train_size: int
     test_size: int
     steps_per_epoch: int
-    started: str
+    started: str  # when the run began (its first piece, for a resumed run)
+    provenance: dict  # provenance.describe() of the machine and software running it now
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class WandbTracker:
             if mode != "online":
                 raise TrackerError(f"W&B could not start ({_one_line(err)})") from None
             say(f"warning: W&B could not reach its server ({_one_line(err)}); logging offline instead")
+            self.wandb.teardown()  # the failed run still holds its id in W&B's service process
             mode = "offline"
             try:
                 self.run = self._init(mode, kwargs)

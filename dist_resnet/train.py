@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from dist_resnet import checkpoint, cli, data, distributed, files, recipe, report, rundir, tracking
+from dist_resnet import checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
 from dist_resnet.config import Config, ExitCode, parse_config
 from dist_resnet.model import count_parameters
 
@@ -138,7 +138,11 @@ class Run:
             resolved_mixed_precision=self.accelerator.mixed_precision,
             num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.labels),
             test_size=len(self.test_set[1]), steps_per_epoch=recipe_.steps_per_epoch,
-            started=claim.continues.facts.started if claim.continues else _now()))
+            started=claim.continues.facts.started if claim.continues else _now(),
+            provenance=provenance.describe(self.accelerator.device.type)))
+        # Trackers first: one that cannot start leaves the directory as it was, free for a retry.
+        self.trackers = tracking.Trackers(tracking.selected(config.report_to), self.output_dir, config,
+                                          self.run_id, record.flat(), say=self.say)
         try:
             record.write(self.output_dir)
             # A continued run keeps its history up to the checkpoint; a new one starts empty.
@@ -147,8 +151,6 @@ class Run:
         except OSError as err:
             raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
         self.plots = report.Plots(self.output_dir, say=self.say)
-        self.trackers = tracking.Trackers(tracking.selected(config.report_to), self.output_dir, config,
-                                          self.run_id, record.flat(), say=self.say)
 
     def together(self, action, main_only: bool = False):
         """action() on every rank (rank 0 only with main_only); a user error on any rank is

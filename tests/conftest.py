@@ -23,9 +23,10 @@ def mnist_dir(tmp_path_factory) -> Path:
 
 
 def run(args: list, timeout: float = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    """Run a command the way a user would, with output captured; never hangs the suite."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("WANDB_API_KEY", None)
+    """Run a command the way a user would, with output captured; never hangs the suite. env
+    adds to (a value of None: removes from) the environment: W&B offline, no API key."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": None, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
     return subprocess.run([str(a) for a in args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
@@ -113,3 +114,24 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, describe(result)
     (out / "launch.log").write_text(result.stdout)
     return out
+
+
+@pytest.fixture(scope="session")
+def accelerator():
+    """An in-process Accelerator on the CPU, for tests that drive the recipe or checkpoints
+    directly. Accelerate keeps one state per process: every in-process user builds the same."""
+    from dist_resnet import distributed
+
+    return distributed.setup(cpu=True, mixed_precision="no", timeout_s=60)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ": error: " in line]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    """The documented failure: exit code `code`, one `PROG: error:` line holding fragment, and
+    no traceback."""
+    assert result.returncode == code, describe(result)
+    assert len(error_lines(result.stderr)) == 1 and fragment in error_lines(result.stderr)[0], describe(result)
+    assert "Traceback" not in result.stderr + result.stdout, describe(result)

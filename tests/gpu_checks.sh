@@ -34,10 +34,11 @@ FAST_FLAGS=(--mixed-precision bf16 --channels-last --compile)
 
 step sync_bn torchrun --standalone --nproc_per_node 2 tests/sync_bn_check.py --out "$OUT/sync_bn.json"
 step bench_2048 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --json-out "$OUT/bench_2048.jsonl"
-step bench_256 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --batch-size 256 \
-    --configs eager_fp32,compiled,compiled_cudagraphs --json-out "$OUT/bench_256.jsonl"
-step fast_time_to_accuracy python -m dist_resnet.bench --device cuda --data-dir "$DATA" --recipe fast \
-    --configs compiled,compiled_cudagraphs --time-to-accuracy 0.99 --json-out "$OUT/fast_time_to_accuracy.jsonl"
+step bench_256 python -m dist_resnet.bench --device cuda --data-dir "$DATA" \
+    --configs eager_fp32,compiled,compiled_cudagraphs --json-out "$OUT/bench_256.jsonl" -- --batch-size 256
+step fast_time_to_accuracy python -m dist_resnet.bench --device cuda --data-dir "$DATA" \
+    --configs compiled,compiled_cudagraphs --time-to-accuracy 0.99 --json-out "$OUT/fast_time_to_accuracy.jsonl" \
+    -- --recipe fast
 step host_syncs python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs" \
     --out "$OUT/host_syncs.json"
 step host_syncs_fast python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs_fast" \

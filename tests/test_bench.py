@@ -61,9 +61,10 @@ def test_time_to_accuracy_refuses_synthetic_data(capsys):
     assert "--time-to-accuracy needs MNIST in --data-dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, fragment", [(["--seed", "-1"], "--seed"), (["--time-to-accuracy", "1.5"], "--time-to"),
+@pytest.mark.parametrize("argv, fragment", [(["--", "--seed", "-1"], "--seed"), (["--time-to-accuracy", "1.5"], "--time-to"),
                                             (["--json-out", "/proc/no/such.jsonl"], "--json-out"),
-                                            (["--configs", "fastest"], "unknown fastest")])
+                                            (["--configs", "fastest"], "unknown fastest"),
+                                            (["--", "--batch-size", "0"], "--batch-size")])
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
@@ -93,9 +94,9 @@ def small_data(mnist_dir, tmp_path_factory):
     return out
 
 
-def settings_for(data_dir, *argv) -> bench.Settings:
-    return bench.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--widths", "4,4,4",
-                             "--batch-size", "64", *argv])
+def settings_for(data_dir, *argv, train=()) -> bench.Settings:
+    return bench.parse_args(["--device", "cpu", "--data-dir", str(data_dir), *argv, "--",
+                             "--widths", "4,4,4", "--batch-size", "64", *train])
 
 
 def test_a_config_trains_exactly_what_train_py_trains(small_data, tmp_path, one_thread):
@@ -142,7 +143,7 @@ def test_cuda_graph_steps_are_marked(small_data, one_thread, monkeypatch):
 @pytest.mark.parametrize("target", [0.01, 1.0])  # reached at the first evaluation; never reached
 def test_time_to_accuracy_reports_the_epochs(small_data, one_thread, target):
     """The epoch loop: it checks the bookkeeping, not the learning."""
-    settings = settings_for(small_data, "--time-to-accuracy", str(target), "--max-epochs", "2")
+    settings = settings_for(small_data, "--time-to-accuracy", str(target), train=["--epochs", "2"])
     result = bench.measure(bench.train_options("eager_fp32", settings, small_data), notebook=False,
                            steps=1, warmup=1, target=target)["time_to_accuracy"]
     assert result["target"] == target and result["max_epochs"] == 2
@@ -156,10 +157,9 @@ def test_time_to_accuracy_reports_the_epochs(small_data, one_thread, target):
 def test_time_to_accuracy_with_the_fast_recipe(small_data, one_thread):
     """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, and
     BatchNorm statistics recomputed before each evaluation (here over the 3 batches there are)."""
-    settings = settings_for(small_data, "--time-to-accuracy", "1.0", "--recipe", "fast")
-    options = bench.train_options("eager_fp32", settings, small_data)
-    assert "--epochs" not in options  # the fast recipe's own
-    recipe = bench.build(options)
+    settings = settings_for(small_data, "--time-to-accuracy", "1.0", train=["--recipe", "fast"])
+    recipe = bench.build(bench.train_options("eager_fp32", settings, small_data))
+    assert recipe.config.epochs == 3  # the fast recipe's own
     assert (recipe.config.schedule, recipe.config.lr, recipe.config.bn_recalibrate) == ("onecycle", 8e-3, 16)
     assert not recipe.config.compile and recipe.config.mixed_precision == "no"  # the config's speed options win
     result = bench.time_to_accuracy(recipe, bench.epoch_steps(recipe, notebook=False), 1.0)

@@ -3,6 +3,7 @@ to real training processes, kills during real saves, a real rank death."""
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import (TRAIN_PY, describe, free_port, run, start, train_records,
+from conftest import (TRAIN_PY, assert_one_line_error, describe, free_port, run, start, train_records,
                       wait_for, worker_pids)
 from dist_resnet.checkpoint import complete_checkpoints
 
@@ -40,24 +41,31 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[name], wb[name]), f"{name} differs"
 
 
-def assert_same_history(resumed, reference):
+def assert_same_history(resumed, reference, log_every: int = 1):
     got, want = train_records(resumed), train_records(reference)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, TOTAL_STEPS + 1))
+    expected_steps = sorted({*range(log_every, TOTAL_STEPS + 1, log_every), *range(15, TOTAL_STEPS + 1, 15)})
+    assert [r["step"] for r in got] == [r["step"] for r in want] == expected_steps
     torch.testing.assert_close(torch.tensor([r["train_loss"] for r in got]),
                                torch.tensor([r["train_loss"] for r in want]), rtol=1e-6, atol=1e-7)
     assert train_records(resumed, "eval") == train_records(reference, "eval")
 
 
+# Random augmentation, and loss reports every 3 steps, so that checkpoints fall inside a
+# report window: resume must restore the random generators and the window.
+AUGMENTED = [*ARGS, "--augment", "--log-every", "3"]
+
+
 @pytest.fixture(scope="module")
 def reference_runs(mnist_dir, tmp_path_factory):
-    """Uninterrupted runs with 1 and 2 processes, to compare interrupted ones against."""
+    """Uninterrupted runs with 1 and 2 processes, and with 1 process augmented, to compare
+    interrupted ones against."""
     runs = {}
-    for nproc in (1, 2):
-        out = tmp_path_factory.mktemp("reference") / f"np{nproc}"
-        result = run(launch_command(nproc, "--data-dir", mnist_dir, *ARGS, "--report-to", "none",
+    for key, nproc, args in ((1, 1, ARGS), (2, 2, ARGS), ("augmented", 1, AUGMENTED)):
+        out = tmp_path_factory.mktemp("reference") / f"run-{key}"
+        result = run(launch_command(nproc, "--data-dir", mnist_dir, *args, "--report-to", "none",
                                     "--output-dir", out), env=ONE_THREAD)
         assert result.returncode == 0, describe(result)
-        runs[nproc] = out
+        runs[key] = out
     return runs
 
 
@@ -85,7 +93,7 @@ def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist
     assert process.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
     log = (tmp_path / "first.log").read_text()
     stopped_step = int(log.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
-    assert 6 <= stopped_step < TOTAL_STEPS and stopped_step % 15 != 0  # mid-epoch
+    assert 6 <= stopped_step < TOTAL_STEPS  # mid-epoch or at an epoch end: either resumes exactly
     assert complete_checkpoints(out)[-1].name == f"step-{stopped_step:08d}"
     assert train_records(out)[-1]["step"] == stopped_step
 
@@ -106,8 +114,10 @@ def saving_now(out):
 
 
 def test_kill_during_save_leaves_previous_checkpoint_loadable(reference_runs, mnist_dir, tmp_path):
+    """SIGKILL in the middle of a save, then --resume auto: the augmented run ends bitwise as the
+    uninterrupted one, and its loss reports too (the window a checkpoint falls in is restored)."""
     out = tmp_path / "out"
-    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    args = ["--data-dir", mnist_dir, *AUGMENTED, "--report-to", "none", "--output-dir", out]
     process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
     wait_for(lambda: complete_checkpoints(out) and saving_now(out), timeout=120, interval=0.001,
              what="a checkpoint save in progress (after a complete one)")
@@ -117,6 +127,27 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(reference_runs, mn
     survivors = complete_checkpoints(out)
     assert survivors and all((p / "model.safetensors").is_file() for p in survivors)
 
+    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert_same_weights(out, reference_runs["augmented"])
+    assert_same_history(out, reference_runs["augmented"], log_every=3)
+
+
+def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, tmp_path):
+    """SIGTERM (preemption) first, and again moments later: one agreed stop, a checkpoint,
+    exit 0; a half-written last metrics line (what a kill leaves) does not block the resume,
+    which ends exactly as the uninterrupted run."""
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
+    os.kill(process.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert "stopped by SIGTERM at step" in (tmp_path / "first.log").read_text()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": 9')
     result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[1])
@@ -176,5 +207,46 @@ def test_checkpoint_of_other_widths_is_refused(reference_runs, mnist_dir, tmp_pa
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--widths", "8,8,8",
                   "--resume", ckpt, "--report-to", "none", "--output-dir", tmp_path / "out"])
     assert result.returncode == 2, describe(result)
-    assert "was saved with other options than this run's: --widths 4,8,8 (now 8,8,8)" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result, 2, "was saved with other options than this run's: --widths 4,8,8 (now 8,8,8)")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_on_another_process_count_is_refused(reference_runs, mnist_dir, tmp_path, nproc):
+    ckpt = complete_checkpoints(reference_runs[3 - nproc])[-1]
+    result = run(launch_command(nproc, "--data-dir", mnist_dir, *ARGS, "--resume", ckpt, "--report-to", "none",
+                                "--output-dir", tmp_path / "out"))
+    fragment = f"written by {3 - nproc} process(es), this run has {nproc}"
+    assert fragment in result.stderr and result.stderr.count(fragment) == 1, describe(result)
+    assert result.returncode != 0 and "File \"" + str(TRAIN_PY.parent) not in result.stderr
+
+
+class Payload:
+    """Unpickling this creates the marker file: it runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickles(directory, marker):
+    """Accelerate's checkpoint files, each a pickle that would create the marker if loaded."""
+    for name in ("pytorch_model.bin", "optimizer.bin", "scheduler.bin", "scaler.pt", "random_states_0.pkl",
+                 "custom_checkpoint_0.pkl"):
+        torch.save(Payload(marker), directory / name)
+
+
+def test_a_checkpoint_of_pickles_runs_no_code(reference_runs, mnist_dir, tmp_path):
+    """A checkpoint from elsewhere whose files are crafted pickles: nothing is unpickled, the
+    resume is refused with one line."""
+    ckpt = tmp_path / "shared-checkpoint"
+    shutil.copytree(complete_checkpoints(reference_runs[1])[-1], ckpt)
+    marker = tmp_path / "MARKER"
+    plant_pickles(ckpt, marker)
+    for name in ("model.safetensors", "state.safetensors", "rng-0.safetensors"):
+        torch.save(Payload(marker), ckpt / name)
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--resume", ckpt,
+                  "--report-to", "none", "--output-dir", tmp_path / "out"])
+    assert_one_line_error(result, 2, "damaged")
+    assert not marker.exists()

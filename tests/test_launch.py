@@ -7,7 +7,7 @@ import sys
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from conftest import QUICK, REPO, TRAIN_PY, describe, free_port, run
+from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, describe, free_port, run, torchrun
 
 EXPECTED = {  # file: (distributed type, processes, machines, mixed precision, CPU)
     "single_gpu.yaml": ("NO", 1, 1, "bf16", False),
@@ -46,3 +46,20 @@ def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, 
     assert config["world_size"] == world_size and config["resolved_mixed_precision"] == "bf16"
     assert config["augment"] == ("--augment" in train_args)
     assert json.loads((out / "classification_report.json").read_text())["macro avg"]["support"] == 301
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("case", ["bad option", "no data"])
+def test_bad_input_under_a_two_process_launch_is_said_once(launcher, case, tmp_path):
+    """Every process sees the same bad input; rank 0 alone says it, in one line. The launcher
+    then reports its failed processes in its own words and exits 1 (README, "Exit codes")."""
+    args = {"bad option": ["--lr", "-1"],
+            "no data": ["--data-dir", tmp_path / "empty", "--no-download", "--report-to", "none",
+                        "--output-dir", tmp_path / "out"]}[case]
+    launch = accelerate_launch if launcher == "accelerate" else torchrun
+    result = launch(2, TRAIN_PY, *args, timeout=180)
+    fragment = {"bad option": "argument --lr: expected a positive finite number",
+                "no data": "MNIST not found in"}[case]
+    assert result.returncode == 1, describe(result)
+    assert result.stderr.count(fragment) == 1, describe(result)
+    assert f'File "{REPO / "dist_resnet"}' not in result.stderr, describe(result)  # no traceback of ours

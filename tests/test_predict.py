@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, describe, run
 from dist_resnet.data import load_split, normalize
@@ -94,7 +94,7 @@ def test_directory_json(weights, digits):
     directory, chosen = digits
     result = run([sys.executable, PREDICT_PY, "--weights", weights, directory, "--json"])
     assert result.returncode == 0, describe(result)
-    by_file = {r["file"]: r for r in json.loads(result.stdout)}
+    by_file = {r["file"]: r for r in json.loads(result.stdout, parse_constant=pytest.fail)}  # strict JSON
     assert len(by_file) == len(chosen) * (len(LOSSLESS) + len(LOSSY))
     for r in by_file.values():
         assert len(r["probabilities"]) == 10 and sum(r["probabilities"]) == pytest.approx(1, abs=1e-6)
@@ -148,6 +148,11 @@ def bad_cases(weights, digits, tmp_path_factory) -> dict:
     (bad / "empty").mkdir()
     (bad / "random.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
     save_file({"embedding.weight": torch.zeros(4, 3)}, bad / "other.safetensors")
+    # 480 KB that name a model of 60,000 channels: building it would take 130 GB.
+    save_file({f"blocks.{i}.conv1.weight": torch.zeros(60000, 1, 1, 1) for i in range(2)}, bad / "huge.safetensors")
+    good = load_file(weights / "model.safetensors")
+    save_file({**good, "fc.bias": torch.tensor(0.0)}, bad / "scalar.safetensors")
+    save_file({**good, "fc.weight": torch.full_like(good["fc.weight"], float("nan"))}, bad / "nan.safetensors")
     image = digits[1][0][1]["grey"]
     return {
         "missing image": ([weights, bad / "missing.png"], "missing.png: no such file or directory"),
@@ -157,6 +162,9 @@ def bad_cases(weights, digits, tmp_path_factory) -> dict:
                                     "random.safetensors: not a safetensors weights file"),
         "other tensors as weights": ([bad / "other.safetensors", image],
                                      "other.safetensors: not the weights of a dist_resnet ResNet"),
+        "a huge model": ([bad / "huge.safetensors", image], "huge.safetensors: not the weights of a dist_resnet ResNet"),
+        "a 0-d weight": ([bad / "scalar.safetensors", image], "weights do not fit the model (fc.bias is [], expected [10])"),
+        "NaN weights": ([bad / "nan.safetensors", image], "fc.weight holds non-finite values"),
     }
 
 
@@ -167,8 +175,8 @@ def assert_one_line_error(code: int, stdout: str, stderr: str, expected: str) ->
     assert stderr.startswith("predict.py: error: ") and expected in stderr, stderr
 
 
-@pytest.mark.parametrize("case", ["missing image", "not an image", "empty directory",
-                                  "random bytes as weights", "other tensors as weights"])
+@pytest.mark.parametrize("case", ["missing image", "not an image", "empty directory", "random bytes as weights",
+                                  "other tensors as weights", "a huge model", "a 0-d weight", "NaN weights"])
 def test_bad_input_is_one_line_and_exit_2(bad_cases, case, capsys):
     """In process, as a subprocess each would cost seconds of torch import: main() returns 2
     having printed one line, and an exception escaping it would fail the test."""

@@ -2,6 +2,7 @@
 and evaluate.py reproducing the training report."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import wandb_records
-from conftest import REPO, describe, run
+from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, run
+from dist_resnet import rundir
 from dist_resnet.data import random_affine
 
 EVALUATE_PY = REPO / "dist_resnet" / "evaluate.py"
@@ -106,3 +108,72 @@ def test_augment_moves_pixels_and_keeps_shape():
     assert len({tuple(np.argwhere(m[0].numpy() > 128).mean(0).round(1)) for m in moved}) > 32  # ...differently
     still = random_affine(images, degrees=0, shift=0, zoom=0)
     torch.testing.assert_close(still, images.float(), atol=1e-3, rtol=0)  # no transform: no change
+
+
+def test_every_file_of_a_run_is_a_known_run_file(tracked_run, tmp_path):
+    """rundir.RUN_FILES is what marks a directory as a run's and what --overwrite deletes: it
+    must name everything a run (and evaluate.py, by default) writes there."""
+    result = run([sys.executable, EVALUATE_PY, tracked_run])  # writes into tracked_run/eval
+    assert result.returncode == 0, describe(result)
+    assert {p.name for p in tracked_run.iterdir()} - {".lock", "launch.log"} <= set(rundir.RUN_FILES)
+    assert (tracked_run / "eval" / "classification_report.json").is_file()
+    assert "classification_report.json" in {p.name for p in tracked_run.iterdir()}  # training's, kept
+
+
+def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_path):
+    """A config.json in a directory above the weights is not theirs: it changes nothing. A
+    run record with an invalid value is refused with one line."""
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    shutil.copy(tracked_run / "model.safetensors", nested)
+    record = json.loads((tracked_run / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**record, "test_limit": 7}))
+    result = run([sys.executable, EVALUATE_PY, nested, "--data-dir", mnist_dir])
+    assert result.returncode == 0, describe(result)
+    assert json.loads((nested / "eval" / "classification_report.json").read_text())["macro avg"]["support"] == 301
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    shutil.copy(tracked_run / "model.safetensors", damaged)
+    (damaged / "config.json").write_text(json.dumps({**record, "test_limit": -5}))
+    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "test_limit must be")
+    (damaged / "config.json").write_text(json.dumps({**record, "format": 0}))
+    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "not written by this version")
+
+
+def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tracked_run, interrupted, ignore=shutil.ignore_patterns("wandb", "tensorboard", "eval"))
+    (interrupted / "model.safetensors").unlink()
+    result = run([sys.executable, EVALUATE_PY, interrupted])
+    assert result.returncode == 0, describe(result)
+    newest = sorted((interrupted / "checkpoints").glob("step-*"))[-1].name
+    assert f"has no final weights (the run did not finish): evaluating its newest checkpoint, {newest}" in result.stdout
+    assert (interrupted / "eval" / newest / "classification_report.json").is_file()
+    shutil.rmtree(interrupted / "checkpoints")
+    assert_one_line_error(run([sys.executable, EVALUATE_PY, interrupted]), 2, "no model.safetensors and no complete checkpoint")
+
+
+NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}
+
+
+def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
+                  "--wandb-mode", "online", "--output-dir", out], env=NO_CREDENTIALS)
+    assert_one_line_error(result, 5, "W&B is set to online but no credentials were found")
+    assert {p.name for p in out.iterdir()} == {".lock"}  # free for the retry
+
+
+def test_wandb_without_a_server_falls_back_to_offline(mnist_dir, tmp_path):
+    """An API key, but a server that refuses every connection: after WANDB_INIT_TIMEOUT seconds
+    the run logs offline instead, and trains to the end."""
+    out = tmp_path / "out"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
+                  "--output-dir", out],
+                 env={**NO_CREDENTIALS, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+                      "WANDB_INIT_TIMEOUT": "5"})
+    assert result.returncode == 0, describe(result)
+    assert "W&B could not reach its server" in result.stdout and "logging offline instead" in result.stdout
+    history = wandb_records.history(wandb_records.run_file(out))
+    assert [row["eval/test_acc"] for row in history if "eval/test_acc" in row]

@@ -1,0 +1,109 @@
+"""What a checkpoint holds and how resume treats a damaged or hostile one, driven in process:
+a small recipe trains, checkpoints twice, and a fresh recipe resumes from what is on disk."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_resnet import checkpoint, data
+from dist_resnet.recipe import LossWindow, Recipe
+from dist_resnet.train import parse_args
+from test_checkpoint import Payload, plant_pickles
+
+
+@pytest.fixture
+def saved(accelerator, mnist_dir, tmp_path):
+    """A run of 4 steps checkpointed after steps 2 and 4: (config, output dir, a fresh
+    recipe to resume into)."""
+    config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
+                         "--schedule", "onecycle", "--augment", "--data-dir", str(mnist_dir),
+                         "--report-to", "none", "--output-dir", str(tmp_path)])
+    images, labels = data.load_split(mnist_dir, "train", 256)
+    recipe, window = Recipe(config, accelerator, images, labels), LossWindow(accelerator)
+    for step, index in enumerate(recipe.batches(0), 1):
+        window.add(recipe.step(index), 64)
+        if step % 2 == 0:
+            meta = checkpoint.Meta("run", step, 1, "no", config, window.state(step))
+            checkpoint.save(accelerator, tmp_path, meta, recipe.state(), keep=2)
+    return config, tmp_path, Recipe(config, accelerator, images, labels)
+
+
+def resume(saved, warnings: list):
+    config, out, fresh = saved
+    candidates = checkpoint.complete_checkpoints(out)[::-1]
+    return checkpoint.resume(fresh.accelerator, candidates, fresh.state(), config, fresh.total_steps,
+                             warn=warnings.append)
+
+
+def test_resume_restores_weights_optimizer_schedule_and_random_state(saved):
+    config, out, fresh = saved
+    torch.manual_seed(1234)  # a generator state the checkpoint must replace
+    meta = resume(saved, warnings := [])
+    assert meta.step == 4 and not warnings
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    expected = load_file(newest / "model.safetensors")
+    assert all(torch.equal(fresh.net.state_dict()[k], v) for k, v in expected.items())
+    assert fresh.scheduler.last_epoch == 4 and fresh.optimizer.state_dict()["state"][0]["step"].item() == 4
+    assert torch.equal(torch.get_rng_state(), load_file(newest / "rng-0.safetensors")["torch"])
+
+
+DAMAGE = {
+    "meta.json empty": lambda d: (d / "meta.json").write_text(""),
+    "meta.json of another format": lambda d: (d / "meta.json").write_text('{"format": 0}'),
+    "model missing": lambda d: (d / "model.safetensors").unlink(),
+    "state truncated": lambda d: (d / "state.safetensors").write_bytes((d / "state.safetensors").read_bytes()[:500]),
+    "random state missing": lambda d: (d / "rng-0.safetensors").unlink(),
+    "model of another shape": lambda d: shutil.copy(d.parent.parent / "other.safetensors", d / "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(saved, damage):
+    config, out, fresh = saved
+    from safetensors.torch import save_file
+    save_file({"blocks.0.conv1.weight": torch.zeros(3, 3)}, out / "other.safetensors")
+    DAMAGE[damage](checkpoint.complete_checkpoints(out)[-1])
+    meta = resume(saved, warnings := [])
+    assert meta.step == 2
+    assert len(warnings) == 1 and "step-00000004" in warnings[0] and "trying the checkpoint before it" in warnings[0]
+    expected = load_file(checkpoint.complete_checkpoints(out)[0] / "model.safetensors")
+    assert all(torch.equal(fresh.net.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "state.safetensors", "rng-0.safetensors", "meta.json"])
+def test_a_crafted_pickle_in_any_part_runs_no_code(saved, part, tmp_path):
+    """Each part of every checkpoint replaced by a pickle that would create a marker file when
+    loaded, Accelerate's pickle files planted beside them: nothing runs, and with no usable
+    checkpoint left, resume says why."""
+    config, out, fresh = saved
+    marker = tmp_path / "MARKER"
+    for directory in checkpoint.complete_checkpoints(out):
+        plant_pickles(directory, marker)
+        torch.save(Payload(marker), directory / part)
+    with pytest.raises(checkpoint.CheckpointError, match="no usable checkpoint"):
+        resume(saved, [])
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_no_pickle(saved):
+    _, out, _ = saved
+    for directory in checkpoint.complete_checkpoints(out):
+        for path in directory.iterdir():
+            head = path.read_bytes()[:2]
+            assert head != b"\x80\x04" and head != b"PK", f"{path} looks like a pickle or a torch.save zip"
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "32"), ("--seed", "3"), ("--epochs", "2"),
+                                           ("--no-augment", None)])
+def test_a_checkpoint_of_other_options_is_refused(saved, accelerator, option, value):
+    config, out, fresh = saved
+    argv = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1", "--schedule",
+            "onecycle", "--data-dir", config.data_dir, "--output-dir", str(out)]
+    argv += [] if value is None else ["--augment", option, value]
+    other = parse_args(argv)
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match="saved with other options"):
+        checkpoint.resume(accelerator, checkpoint.complete_checkpoints(out)[::-1], fresh.state(), other,
+                          fresh.total_steps, warn=print)

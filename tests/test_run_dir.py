@@ -1,0 +1,152 @@
+"""A run never destroys another run's files, a finished training never ends without its final
+weights, and every failure of the filesystem is one line and exit code 4. Real runs, real
+files, a real lock, a real full filesystem."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TRAIN_PY, assert_one_line_error, describe, run, start, train_records, wait_for
+from dist_resnet import checkpoint, rundir
+from dist_resnet.train import main as train_main
+
+TINY = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--test-limit", "64",
+        "--no-download", "--report-to", "none"]
+
+
+def snapshot(directory) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def train(mnist_dir, out, *args, **kw):
+    return run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *TINY, "--output-dir", out, *args], **kw)
+
+
+def test_a_second_run_never_destroys_the_first(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    first = train(mnist_dir, out, "--epochs", "2")
+    assert first.returncode == 0, describe(first)
+    before = snapshot(out)
+    run_id = json.loads((out / "config.json").read_text())["run_id"]
+
+    again = train(mnist_dir, out, "--epochs", "2")
+    assert_one_line_error(again, 2, "holds a run already: --resume auto continues it, --overwrite replaces it")
+    other = train(mnist_dir, out, "--epochs", "2", "--batch-size", "32", "--resume", "auto")
+    assert_one_line_error(other, 2, "holds a run with other options: --batch-size 64 (now 32)")
+    assert snapshot(out) == before  # nothing touched
+
+    finished = train(mnist_dir, out, "--epochs", "2", "--resume", "auto")  # the run is complete: nothing to train
+    assert finished.returncode == 0, describe(finished)
+    assert snapshot(out)["model.safetensors"] == before["model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["run_id"] == run_id
+
+    replaced = train(mnist_dir, out, "--epochs", "1", "--overwrite")
+    assert replaced.returncode == 0, describe(replaced)
+    assert json.loads((out / "config.json").read_text())["run_id"] != run_id
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-00000004"]  # only the new run's
+    assert max(r["step"] for r in train_records(out)) == 4
+
+
+def test_a_live_run_locks_its_directory_and_a_killed_one_does_not(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--epochs", "40", "--log-every", "1", "--checkpoint-every", "20", "--eval-every", "100"]
+    first = start([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *TINY, "--output-dir", out, *args],
+                  tmp_path / "first.log")
+    try:
+        wait_for(lambda: checkpoint.complete_checkpoints(out), timeout=120, what="a first checkpoint")
+        second = train(mnist_dir, out, *args, "--resume", "auto")
+        assert_one_line_error(second, 2, f"{out} is in use by a live run (pid {first.pid} on ")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert "pid" in (out / ".lock").read_text()  # the dead run's lock file is still there...
+    resumed = train(mnist_dir, out, *args, "--resume", "auto")  # ...and does not block
+    assert resumed.returncode == 0, describe(resumed)
+    steps = [r["step"] for r in train_records(out)]
+    assert steps == list(range(1, 161))  # one history, nothing duplicated or missing
+
+
+def test_default_run_names_are_unique_within_a_second():
+    names = {rundir.default_run_name() for _ in range(50)}
+    assert len(names) == 50 and all(len(n.split("-")) == 3 for n in names)
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "out"
+    result = train(mnist_dir, out, "--epochs", "1")
+    assert result.returncode == 0, describe(result)
+    return out
+
+
+def rerun_without_weights(finished_run, tmp_path):
+    """A copy of the finished run with no checkpoints and no weights: --resume auto trains it
+    again from the start, as the same run."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.rmtree(out / "checkpoints")
+    (out / "model.safetensors").unlink()
+    return out
+
+
+def test_plots_that_cannot_be_written_are_warnings(finished_run, mnist_dir, tmp_path):
+    out = rerun_without_weights(finished_run, tmp_path)
+    for name in ("curves.png", "confusion_matrix.png"):
+        (out / name).unlink()
+        (out / name).mkdir()  # in the way of the file
+    result = train(mnist_dir, out, "--epochs", "1", "--resume", "auto")
+    assert result.returncode == 0, describe(result)
+    assert "curves.png not written (IsADirectoryError" in result.stdout
+    assert (out / "model.safetensors").is_file() and (out / "classification_report.json").is_file()
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_final_weights(finished_run, mnist_dir, tmp_path):
+    out = rerun_without_weights(finished_run, tmp_path)
+    (out / "checkpoints").write_text("a file where the checkpoints directory should be\n")
+    result = train(mnist_dir, out, "--epochs", "1", "--resume", "auto")
+    assert_one_line_error(result, 4, "cannot write checkpoint")
+    assert (out / "model.safetensors").is_file()  # written before the final checkpoint
+
+
+@pytest.mark.parametrize("case", ["a file", "not allowed", "name too long", "default, unwritable cwd"])
+def test_filesystem_errors_are_one_line_and_exit_4(case, mnist_dir, tmp_path, capsys, monkeypatch):
+    """In process: the run ends at its output directory, before any data is read."""
+    (tmp_path / "file").write_text("")
+    output = {"a file": ["--output-dir", str(tmp_path / "file")],
+              "not allowed": ["--output-dir", "/sys/dist_resnet/run"],
+              "name too long": ["--output-dir", str(tmp_path / ("x" * 300))],
+              "default, unwritable cwd": []}[case]
+    if not output:
+        monkeypatch.chdir("/sys")  # runs/<name> cannot be made there, not even by root
+    code = train_main(["--data-dir", str(mnist_dir), *TINY, *output])
+    err = capsys.readouterr().err
+    assert code == 4 and len(err.splitlines()) == 1 and "--output-dir" in err, err
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 160 KiB tmpfs: room for a run's first checkpoints, not for many. Needs root."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({made.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(small_filesystem, mnist_dir):
+    out = small_filesystem / "out"
+    result = train(mnist_dir, out, "--epochs", "20", "--checkpoint-every", "1", "--keep-checkpoints", "3")
+    assert_one_line_error(result, 4, "No space left on device")
+    kept = checkpoint.complete_checkpoints(out)
+    assert kept and all(sorted(p.name for p in c.iterdir()) == ["meta.json", "model.safetensors", "rng-0.safetensors",
+                                                                  "state.safetensors"] for c in kept)
