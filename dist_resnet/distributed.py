@@ -4,6 +4,7 @@ on which ranks agree, and the signals that ask a run to stop."""
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -147,7 +148,7 @@ class StopRequest:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, announce=None):
-        self.signum = 0
+        self.signum, self.since = 0, 0.0
         self.announce = announce  # called with a line to print when a first signal arrives
 
     @contextmanager
@@ -161,11 +162,13 @@ class StopRequest:
                     signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+        # torchrun and accelerate launch forward a terminal's Ctrl-C to workers that received it
+        # already: a copy within a second is the same Ctrl-C, not a second one.
+        if self.signum == signal.SIGINT and signum == signal.SIGINT and time.monotonic() - self.since > 1.0:
             print("\nsecond Ctrl-C: stopped at once, no checkpoint written", file=sys.stderr, flush=True)
-            os._exit(130)  # at once: no cleanup that could block (a collective, a tracker upload)
+            os._exit(128 + signal.SIGINT)  # 130, at once: no cleanup that could block (a collective, an upload)
         if not self.signum:
-            self.signum = signum
+            self.signum, self.since = signum, time.monotonic()
             # From now on SIGTERM and SIGUSR1 are ignored by the kernel itself: a Python handler
             # is reset to the default at interpreter exit, and a repeated signal arriving then
             # would kill the process after its checkpoint (exit 143 instead of 0).

@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,6 +155,37 @@ def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, t
     assert_same_history(out, reference_runs[1])
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, mnist_dir, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): a checkpoint and exit 0,
+    then the resumed run ends exactly as the uninterrupted one. Ctrl-C twice, a few seconds
+    apart: exit 130 at once, no traceback, the last complete checkpoint kept."""
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    log = (tmp_path / "first.log").read_text()
+    assert "stopped by SIGINT at step" in log and "Traceback" not in log
+    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert_same_weights(out, reference_runs[1])
+
+    # Steps of seconds (the full-width model), so that the run is still in its step when
+    # the second Ctrl-C comes.
+    again = tmp_path / "again"
+    args = ["--data-dir", mnist_dir, "--batch-size", "512", "--log-every", "1", "--no-download",
+            "--report-to", "none", "--output-dir", again]
+    process = start(launch_command(1, *args), tmp_path / "again.log", env=ONE_THREAD)
+    wait_for(lambda: train_records(again), timeout=120, what="a first step")
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(1.5)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    log = (tmp_path / "again.log").read_text()
+    assert "second Ctrl-C: stopped at once, no checkpoint written" in log and "Traceback" not in log
+
+
 def test_second_signal_during_save_does_not_corrupt_it(reference_runs, mnist_dir, tmp_path):
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
@@ -181,6 +213,18 @@ def test_a_dead_rank_ends_the_job_fast(mnist_dir, tmp_path):
     elapsed = time.monotonic() - killed_at
     assert returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to notice a dead rank"
+    assert not worker_pids(str(out)), "a rank outlived the job"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_fails_alone_ends_the_job(mnist_dir, tmp_path, rank):
+    """One rank raises in the middle of a step; the other learns of it at its next collective
+    and ends too, and the launcher's stop of the survivor is not swallowed by the stop handler."""
+    out = tmp_path / "out"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+                  Path(__file__).with_name("fail_rank.py"), rank, 5, "--data-dir", mnist_dir, *ARGS, "--epochs", "50",
+                  "--report-to", "none", "--output-dir", out], timeout=180)
+    assert result.returncode != 0 and f"injected failure on rank {rank} at step 5" in result.stderr, describe(result)
     assert not worker_pids(str(out)), "a rank outlived the job"
 
 

@@ -1,8 +1,10 @@
 import sys
 
 import pytest
+import torch
 
 from conftest import TRAIN_PY, describe, run
+from dist_resnet import recipe
 from dist_resnet.config import Config
 from dist_resnet.train import parse_args as parse_config
 
@@ -106,3 +108,13 @@ def test_cli_rejects_bad_input_before_any_work():
     assert result.returncode == 2, describe(result)
     assert "argument --lr: expected a positive finite number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_schedule_is_one_entry_in_recipe_schedules(monkeypatch):
+    """The extension point: --schedule offers whatever recipe.SCHEDULES holds."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        parse_config(["--schedule", "cosine"])
+    monkeypatch.setitem(recipe.SCHEDULES, "cosine", lambda optimizer, config, total_steps:
+                        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps))
+    assert parse_config(["--schedule", "cosine"]).schedule == "cosine"

@@ -177,3 +177,43 @@ def test_wandb_without_a_server_falls_back_to_offline(mnist_dir, tmp_path):
     assert "W&B could not reach its server" in result.stdout and "logging offline instead" in result.stdout
     history = wandb_records.history(wandb_records.run_file(out))
     assert [row["eval/test_acc"] for row in history if "eval/test_acc" in row]
+
+
+class JsonLinesTracker:
+    """A third tracker, as a user would add one: a class with a name and four methods."""
+
+    name = "jsonl"
+
+    def __init__(self, output_dir, config, run_id, values, say):
+        self.path = output_dir / "tracked.jsonl"
+        self.write({"run_id": run_id, "lr": values["lr"]})
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log(self, values, step):
+        self.write({"step": step, **values})
+
+    def log_final(self, final, step):
+        self.write({"step": step, "final_accuracy": final.table["accuracy"], "plots": sorted(final.plots)})
+
+    def close(self):
+        self.write({"closed": True})
+
+
+def test_a_tracker_is_one_adapter_in_tracking_trackers(mnist_dir, tmp_path, monkeypatch, accelerator):
+    """The extension point: --report-to offers whatever tracking.TRACKERS holds, and an adapter
+    there receives the run's configuration, every logged step and the final report."""
+    from dist_resnet import tracking
+    from dist_resnet.train import main as train_main
+
+    monkeypatch.setitem(tracking.TRACKERS, "jsonl", JsonLinesTracker)
+    out = tmp_path / "out"
+    assert train_main(["--data-dir", str(mnist_dir), *QUICK, "--train-limit", "256", "--epochs", "1",
+                       "--log-every", "1", "--report-to", "jsonl", "--output-dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "tracked.jsonl").read_text().splitlines()]
+    assert records[0] == {"run_id": json.loads((out / "config.json").read_text())["run_id"], "lr": 3e-3}
+    assert [r["step"] for r in records if "train/train_loss" in r] == [1, 2]
+    assert records[-2]["final_accuracy"] == json.loads((out / "classification_report.json").read_text())["accuracy"]
+    assert records[-2]["plots"] == ["confusion_matrix", "curves", "misclassified"] and records[-1] == {"closed": True}
