@@ -14,6 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 _host_group = None  # a gloo group over all ranks, for host-side agreement (made in setup)
+# How DDP wraps the model (tests/sync_bn_check.py wraps it the same way). The model's
+# gradients fit one bucket; a view avoids copying them.
+DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
 def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accelerator:
@@ -30,8 +33,7 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
         mixed_precision=mixed_precision,
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
-            # The model's gradients fit one bucket; a view avoids copying them.
-            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            DistributedDataParallelKwargs(**DDP_OPTIONS),
         ],
     )
     if is_distributed():

@@ -1,56 +1,85 @@
 #!/usr/bin/env bash
-# Every check and measurement that needs a GPU, in one run, for a session lent a GPU machine
-# (docs/gpu-checks.md, docs/benchmarks.md). From the repository root, MNIST in $DATA_DIR:
-#   bash tests/gpu_checks.sh OUT_DIR [STEP ...]      # STEPs: only these (names as below)
-# All steps together may outlast one 10-minute device call: split them over two calls, for
-# example `bash tests/gpu_checks.sh OUT/a sync_bn host_syncs host_syncs_fast default_recipe
-# fast_recipe augment_recipe`, then `bash tests/gpu_checks.sh OUT/b bench_2048 bench_256
-# fast_time_to_accuracy`.
-# Runs from the checkout without installing it; --report-to none, since GPU images often lack
-# wandb. Each step's log, JSON and outputs land in OUT_DIR; a summary is printed at the end.
+# Every check and measurement that needs a GPU, in one command, most important first, each step
+# with its own time limit (docs/gpu-checks.md, docs/benchmarks.md). From the repository root,
+# the real MNIST in $DATA_DIR (default .mnist, git-ignored):
+#   bash tests/gpu_checks.sh OUT_DIR [STEP ...]     # STEPs: only these (names below)
+#   bash tests/gpu_checks.sh --dry-run OUT_DIR      # rehearsal on CPU: every step, tiny, seconds
+# Each step's result is printed and appended to OUT_DIR/summary.txt the moment it is known, so
+# a run cut off halfway leaves the first results on disk. The step limits add up to 8 minutes.
+# Runs from the checkout without installing it; --report-to none (GPU images often lack wandb).
 set -uo pipefail
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 OUT=${1:-gpu-results}
 ONLY=" ${*:2} "
 DATA=${DATA_DIR:-.mnist}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{
-    date -Is
-    git rev-parse HEAD 2>/dev/null
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'accelerate', accelerate.__version__)"
-} > "$OUT/provenance.txt" 2>&1
+python -c "import json, sys; from dist_resnet import provenance; json.dump(provenance.describe(sys.argv[1]), sys.stdout, indent=1)" \
+    "$([[ $DRY == 1 ]] && echo cpu || echo cuda)" > "$OUT/provenance.json" 2>&1
+nvidia-smi >> "$OUT/nvidia-smi.txt" 2>&1
 
-step() {  # step NAME COMMAND...: run it, keep its log, print its exit status and wall time
-    local name=$1 start=$SECONDS
-    shift
+if [[ $DRY == 1 ]]; then  # the same steps, tiny, on the CPU, on the tests' small data set
+    DATA="$OUT/data"
+    python -c "import sys; sys.path.insert(0, 'tests'); from mnist_files import write_mnist; write_mnist(__import__('pathlib').Path(sys.argv[1]))" "$DATA"
+    TINY=(--cpu --widths 4,4,4 --epochs 1 --batch-size 64)
+    BENCH=(--device cpu --steps 1 --warmup 1)
+    COMPILED=eager_fp32  # compiling takes minutes on 2 CPU cores; CUDA graphs need CUDA
+    SEEDS=(0)
+    SCALE=4  # the limits are a GPU's; two CPU cores are slower even at this size
+else
+    TINY=()
+    BENCH=(--device cuda)
+    COMPILED=compiled
+    SEEDS=(0 1 2)
+    SCALE=1
+fi
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+TRAIN=(python dist_resnet/train.py --data-dir "$DATA" --no-download --report-to none)
+FAST=(--mixed-precision bf16 --channels-last --compile)
+[[ $DRY == 1 ]] && FAST=(--mixed-precision bf16 --channels-last)  # compiling on 2 CPU cores takes minutes
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, keep its log, say how it went
+    local name=$1 limit=$(($2 * SCALE)) start=$SECONDS status
+    shift 2
     [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
-    "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    status=$?
+    [[ $status == 124 || $status == 137 ]] && status="TIMED OUT after $limit s"
+    echo "$name: exit $status, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    python tests/gpu_results.py "$OUT" "$name" | tee -a "$OUT/summary.txt"
 }
 
-TRAIN=(python dist_resnet/train.py --data-dir "$DATA" --no-download --report-to none)
-FAST_FLAGS=(--mixed-precision bf16 --channels-last --compile)
-
-step sync_bn torchrun --standalone --nproc_per_node 2 tests/sync_bn_check.py --out "$OUT/sync_bn.json"
-step bench_2048 python -m dist_resnet.bench --device cuda --data-dir "$DATA" --json-out "$OUT/bench_2048.jsonl"
-step bench_256 python -m dist_resnet.bench --device cuda --data-dir "$DATA" \
-    --configs eager_fp32,compiled,compiled_cudagraphs --json-out "$OUT/bench_256.jsonl" -- --batch-size 256
-step fast_time_to_accuracy python -m dist_resnet.bench --device cuda --data-dir "$DATA" \
-    --configs compiled,compiled_cudagraphs --time-to-accuracy 0.99 --json-out "$OUT/fast_time_to_accuracy.jsonl" \
-    -- --recipe fast
-step host_syncs python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs" \
-    --out "$OUT/host_syncs.json"
-step host_syncs_fast python tests/sync_check.py --data-dir "$DATA" --output-dir "$OUT/host_syncs_fast" \
-    --out "$OUT/host_syncs_fast.json" "${FAST_FLAGS[@]}"
-step default_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --output-dir "$OUT/default_recipe"
-step fast_recipe "${TRAIN[@]}" --recipe fast --output-dir "$OUT/fast_recipe"
-step augment_recipe "${TRAIN[@]}" "${FAST_FLAGS[@]}" --augment --epochs 20 --batch-size 256 \
-    --schedule onecycle --lr 4e-3 --label-smoothing 0.1 --bn-recalibrate 16 --output-dir "$OUT/augment_recipe"
-
-for run in default_recipe fast_recipe augment_recipe; do
-    [[ -f "$OUT/$run/classification_report.json" ]] || continue
-    python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'test accuracy', r['accuracy'])" \
-        "$OUT/$run/classification_report.json" "$run" 2>/dev/null | tee -a "$OUT/summary.txt"
+# 1. SyncBatchNorm equals whole-batch BatchNorm: 2 ranks sharing the GPU over gloo, and NCCL
+#    where there is a GPU per rank.
+if [[ $DRY == 1 ]]; then
+    step sync_bn 30 python -m pytest -q tests/test_sync_bn_check.py -k "passes or fails"
+else
+    step sync_bn 45 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/sync_bn_check.py \
+        --out "$OUT/sync_bn.json"
+    [[ $GPUS -ge 2 ]] && step sync_bn_nccl 30 python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/sync_bn_check.py --backend nccl --out "$OUT/sync_bn_nccl.json"
+fi
+# 2. The default 60-epoch recipe with the recommended speed options, launch to report.
+step default_recipe 90 "${TRAIN[@]}" "${FAST[@]}" "${TINY[@]}" --output-dir "$OUT/default_recipe"
+# 3. The benchmark at global batch 2048, the notebook loop as the baseline in the same run.
+step bench_2048 75 python -m dist_resnet.bench "${BENCH[@]}" --data-dir "$DATA" \
+    --configs "notebook,eager_fp32,bf16_channels_last,$COMPILED" --json-out "$OUT/bench_2048.jsonl" -- "${TINY[@]}"
+# 4. --recipe fast: time to 99% (compile excluded), 3 seeds.
+for seed in "${SEEDS[@]}"; do
+    step "fast_seed$seed" 25 python -m dist_resnet.bench "${BENCH[@]}" --data-dir "$DATA" --configs "$COMPILED" \
+        --time-to-accuracy 0.99 --json-out "$OUT/fast_seed$seed.jsonl" -- --recipe fast --seed "$seed" "${TINY[@]}"
 done
-cat "$OUT/sync_bn.json" "$OUT"/host_syncs*.json 2>/dev/null | tee -a "$OUT/summary.txt"
+# 5. Which lines of the real step loop make the host wait for the GPU: eager, and fast.
+SYNC_CHECK=(python tests/sync_check.py --data-dir "$DATA")
+[[ $DRY == 1 ]] && SYNC_CHECK+=(--dry-run --cpu --widths 4,4,4)  # its own steps and batch
+step host_syncs 30 "${SYNC_CHECK[@]}" --output-dir "$OUT/host_syncs" --out "$OUT/host_syncs.json"
+step host_syncs_fast 45 "${SYNC_CHECK[@]}" --output-dir "$OUT/host_syncs_fast" --out "$OUT/host_syncs_fast.json" \
+    "${FAST[@]}"
+# 6. The benchmark at 256 per GPU (the 8-GPU share of 2048), with CUDA graphs.
+step bench_256 60 python -m dist_resnet.bench "${BENCH[@]}" --data-dir "$DATA" \
+    --configs "eager_fp32,$COMPILED,compiled_cudagraphs" --json-out "$OUT/bench_256.jsonl" -- --batch-size 256 "${TINY[@]}"
+# 7. The 99.5% augmented recipe from the README.
+step augment_recipe 60 "${TRAIN[@]}" "${FAST[@]}" --augment --epochs 20 --batch-size 256 --schedule onecycle \
+    --lr 4e-3 --label-smoothing 0.1 --bn-recalibrate 16 "${TINY[@]}" --output-dir "$OUT/augment_recipe"
+echo "done: $OUT/summary.txt"

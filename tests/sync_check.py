@@ -45,10 +45,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--output-dir", default="runs/sync-check")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="without CUDA: run through every stage (tests/gpu_checks.sh --dry-run); finds nothing")
     args, extra = parser.parse_known_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.dry_run:
         print("sync_check needs CUDA", file=sys.stderr)
         return 2
+    debug_mode = torch.cuda.set_sync_debug_mode if torch.cuda.is_available() else lambda mode: None
 
     steps_done = 0
     sites = defaultdict(list)  # line -> the optimizer step count at each of its syncs
@@ -66,15 +69,15 @@ def main() -> int:
     register_optimizer_step_post_hook(count_step)
     warnings.simplefilter("always")
     warnings.showwarning = record
-    torch.cuda.set_sync_debug_mode("warn")
+    debug_mode("warn")
     try:
         code = train.main(RUN + ["--data-dir", args.data_dir, "--output-dir", args.output_dir] + extra)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        debug_mode("default")
     by_line = {site: {"syncs": len(at), "steps_with_syncs": len(set(at))}
                for site, at in sorted(sites.items(), key=lambda item: -len(item[1]))}
     per_step = {site: n for site, n in by_line.items() if n["steps_with_syncs"] >= STEPS // 2}
-    result = {"train_exit_code": code, "steps": STEPS, "steps_counted": steps_done, "log_every": LOG_EVERY,
+    result = {"dry_run": args.dry_run, "train_exit_code": code, "steps": STEPS, "steps_counted": steps_done, "log_every": LOG_EVERY,
               "options": extra, "syncs_by_line": by_line, "lines_syncing_every_step": per_step}
     text = json.dumps(result, indent=2)
     print(text)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import sync_bn_check
 from conftest import TRAIN_PY, accelerate_launch, describe, torchrun
 from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import ResNet
@@ -29,8 +30,7 @@ def compared_parameters() -> list[str]:
     """Every parameter except the biases of convolutions that feed a BatchNorm: BatchNorm
     subtracts the batch mean, so their true gradient is exactly zero and what they receive is
     rounding noise, which Adam turns into full-size steps. They change nothing downstream."""
-    return [name for name, _ in ResNet(WIDTHS).named_parameters()
-            if not (name.startswith("blocks.") and name.endswith(("conv1.bias", "conv2.bias")))]
+    return sync_bn_check.compared_parameters(ResNet(WIDTHS))
 
 
 def train_losses(out: Path) -> list[float]:

@@ -1,0 +1,49 @@
+"""One line (or a few) of results for a step of tests/gpu_checks.sh, read from the files the
+step wrote, so that each result is on screen and in summary.txt as soon as it is known.
+
+    python tests/gpu_results.py OUT_DIR STEP
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def results(out: Path, step: str) -> list[str]:
+    if step.startswith("sync_bn"):
+        found = json.loads((out / f"{step}.json").read_text()) if (out / f"{step}.json").exists() else None
+        return [f"  ok={found['ok']} {found['backend']} {found['dtype']} max relative errors "
+                + json.dumps(found["max_relative_error"])] if found else ["  (no result file)"]
+    if step.endswith("_recipe"):
+        report = out / step / "classification_report.json"
+        train = [r for r in jsonl(out / step / "metrics.jsonl") if r.get("event") == "train"][1:]
+        speed = sorted(r["images_per_s"] for r in train)
+        return [f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else "  no report",
+                f"  training images/s, median of logged windows: {speed[len(speed) // 2]:,.0f}" if speed else ""]
+    if step.startswith(("bench", "fast_seed")):
+        lines = []
+        for row in jsonl(out / f"{step}.jsonl"):
+            tta = row.get("time_to_accuracy") or {}
+            lines.append(f"  {row['config']}: {row['images_per_s'] or '-'} images/s, x{row['speedup_vs_notebook'] or '-'}"
+                         f" notebook, warm-up {row['warmup_s']} s" + (f", to {tta['target']}: {tta['seconds']} s in "
+                         f"{tta['epochs']} epochs, accuracy per epoch {tta['accuracy_per_epoch']}" if tta else "")
+                         + (f" ({row['skipped'] or row['error']})" if row["skipped"] or row["error"] else ""))
+        return lines or ["  (no result lines)"]
+    if step.startswith("host_syncs"):
+        path = out / f"{step}.json"
+        if not path.exists():
+            return ["  (no result file)"]
+        found = json.loads(path.read_text())
+        return [f"  lines syncing in most steps: {found['lines_syncing_every_step'] or 'none'}; all: "
+                + json.dumps(found["syncs_by_line"])]
+    return []
+
+
+if __name__ == "__main__":
+    for line in results(Path(sys.argv[1]), sys.argv[2]):
+        if line:
+            print(line)
