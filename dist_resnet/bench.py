@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dist_resnet import cli, data, distributed, provenance, recipe, tracking
-from dist_resnet.config import ExitCode, Parser, parse_config, positive
+from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
 PROG = "python -m dist_resnet.bench"
 SPEED = {"eager": ["--mixed-precision", "no", "--no-channels-last", "--no-compile"],
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--time-to-accuracy", type=positive(float, 1.0), metavar="TARGET",
                    help="also train each config from its initial weights until the test accuracy reaches TARGET, "
                    "for at most train.py's --epochs")
-    p.add_argument("--timeout", type=positive(float), default=900.0, help="seconds one configuration may take")
+    p.add_argument("--timeout", type=positive(float, MAX_DIST_TIMEOUT_S), default=900.0,
+                   help="seconds one configuration may take")
     p.epilog = "Options after -- are train.py's, for every configuration: -- --recipe fast --batch-size 256"
     args = p.parse_args(argv)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
@@ -84,12 +85,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     named = tuple(n.strip() for n in (args.configs or "").split(",") if n.strip())
     if set(named) - set(CONFIGS):
         p.error(f"--configs: unknown {', '.join(sorted(set(named) - set(CONFIGS)))}; choose from {', '.join(CONFIGS)}")
+    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS)  # bad train.py options: exit 2 now
     try:
         if args.json_out:
-            Path(args.json_out).write_text("")
+            open(args.json_out, "a").close()  # writable? (emptied when the run starts)
     except OSError as err:
         p.error(f"--json-out {args.json_out}: cannot write there ({err.strerror or err})")
-    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS)  # bad train.py options: exit 2 now
     small = args.quick or device == "cpu"
     return Settings(
         device=device, data_dir=args.data_dir, steps=args.steps or (3 if args.quick else 10 if small else 50),
@@ -252,13 +253,20 @@ def run_config(name: str, settings: Settings, data_dir: Path) -> dict:
     try:
         done = subprocess.run([sys.executable, "-m", "dist_resnet.bench", "--measure", json.dumps(job)],
                               capture_output=True, text=True, timeout=settings.timeout)
-        if done.returncode == 0:
-            row.update(json.loads(done.stdout.splitlines()[-1]))
-        else:
-            row["error"] = f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"
     except subprocess.TimeoutExpired:
         row["error"] = f"timed out after {settings.timeout:g} s"
+        return row
+    if done.returncode == ExitCode.BAD_INPUT:  # the options or data: every configuration would fail alike
+        raise BadInput(done.stderr.strip().splitlines()[-1].split(": error: ", 1)[-1])
+    if done.returncode == 0:
+        row.update(json.loads(done.stdout.splitlines()[-1]))
+    else:
+        row["error"] = f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"
     return row
+
+
+class BadInput(Exception):
+    """A configuration's process refused its options or data."""
 
 
 def say(message: str) -> None:
@@ -290,9 +298,14 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--measure"]:  # one configuration, started by run_config
-        print(json.dumps(measure(**json.loads(argv[1]))), flush=True)
+        try:
+            print(json.dumps(measure(**json.loads(argv[1]))), flush=True)
+        except cli.USER_ERROR_TYPES as err:
+            return cli.fail(PROG, err)
         return ExitCode.OK
     settings = parse_args(argv)
+    if settings.json_out:
+        Path(settings.json_out).write_text("")
     rows = []
     try:
         with dataset(settings) as (data_dir, description):
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps(row), file=out)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err)
+    except BadInput as err:
+        return cli.fail(PROG, err, code=ExitCode.BAD_INPUT)
     say("\n" + table(rows) + ("\nsynthetic data: the figures measure speed only" if description == "synthetic" else ""))
     return ExitCode.FAILED if any(row["error"] for row in rows) else ExitCode.OK
 

@@ -18,10 +18,12 @@ complete checkpoint when the newest one is damaged.
 
 import copy
 import json
+import math
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,10 @@ class IncompatibleCheckpoint(CheckpointError):
 
 
 class CheckpointWriteError(Exception):
-    """A checkpoint that could not be written (the previous one is kept)."""
+    """A checkpoint that could not be written (the previous one is kept). Every rank raises it
+    at the same point."""
+
+    agreed = True
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Meta:
         try:
             window = values["window"]
             ok = (isinstance(values["run_id"], str) and _count(values["step"]) and _count(values["world_size"])
+                  and isinstance(window.get("loss_sum"), float) and math.isfinite(window["loss_sum"])
                   and values["mixed_precision"] in MIXED_PRECISION
                   and values["world_size"] > 0 and isinstance(window, dict) and window.keys() == {"loss_sum", "steps", "images"}
                   and isinstance(window["loss_sum"], float) and _count(window["steps"]) and _count(window["images"]))
@@ -248,6 +254,10 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
     meta = read_meta(path, run_config, accelerator.num_processes)
     if meta.step > total_steps:
         raise CheckpointError(f"{path}: step {meta.step} is past this run's {total_steps} steps")
+    parts = ["model.safetensors", "state.safetensors", f"rng-{accelerator.process_index}.safetensors"]
+    for part in parts:  # a FIFO or a device file would block or never end
+        if not (path / part).is_file():
+            raise CheckpointError(f"{path}: damaged ({part} is missing or not a regular file)")
     try:
         model = load_file(path / "model.safetensors")
         with safe_open(path / "state.safetensors", framework="pt") as file:
@@ -258,13 +268,70 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
         with safe_open(rng_path, framework="pt") as file:
             rng = ({name: file.get_tensor(name) for name in file.keys()},
                    json.loads(file.metadata()["numbers"]))
-    except (OSError, SafetensorError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     return _Loaded(meta, model, state, rng)
 
 
-def _apply(loaded: _Loaded, parts: dict) -> None:
+def _expected_schedule(parts: dict, fresh: dict, step: int) -> tuple[list, dict | None]:
+    """The optimizer's param_groups (without their parameters) and the schedule's state after
+    `step` steps of this run's schedule, computed from the fresh state the run started with."""
+    optimizer, scheduler = parts["optimizer"], parts.get("scheduler")
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
+            for _ in range(step):
+                scheduler.step()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    schedule = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+    for name in ("optimizer", "scheduler"):
+        if name in parts:
+            parts[name].load_state_dict(copy.deepcopy(fresh[name]))
+    return groups, schedule
+
+
+def _close(a, b) -> bool:
+    """Equal, floats within a relative 1e-9 (another torch version may round the schedule's
+    arithmetic differently); types must agree, except int for float."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isfinite(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _check_training_state(loaded: _Loaded, parts: dict, fresh: dict) -> None:
+    """The optimizer and schedule state must be what this run's own schedule gives at the
+    checkpoint's step, and the optimizer's per-parameter state must fit the parameters: a
+    hand-edited learning rate, or a schedule of another length, is refused, not trained on."""
+    groups, schedule = _expected_schedule(parts, fresh, loaded.meta.step)
+    saved = loaded.state["optimizer"]
+    saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in saved["param_groups"]]
+    if not _close(saved_groups, groups):
+        raise ValueError("the optimizer's settings are not what this run's schedule gives at step "
+                         f"{loaded.meta.step}")
+    if schedule is not None and not _close(loaded.state.get("scheduler"), schedule):
+        raise ValueError(f"the schedule's state is not this run's at step {loaded.meta.step}")
+    scale = (loaded.state.get("scaler") or {}).get("scale", 1.0)
+    if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the gradient scaler's scale is {scale!r}")
+    params = [p for g in parts["optimizer"].param_groups for p in g["params"]]
+    if set(saved["state"]) - set(range(len(params))):
+        raise ValueError("optimizer state for parameters the model does not have")
+    for index, values in saved["state"].items():
+        for key, value in values.items():
+            ok = (isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isfinite(value).all())
+                  and (value.shape == params[index].shape or (value.ndim == 0 and key == "step"
+                                                              and 0 < value.item() <= loaded.meta.step)))
+            if not ok:
+                raise ValueError(f"optimizer state {key} of parameter {index} does not fit it")
+
+
+def _apply(loaded: _Loaded, parts: dict, fresh: dict) -> None:
     """Load model, optimizer, schedule and scaler state; raises if a part does not fit."""
+    _check_training_state(loaded, parts, fresh)
     parts["model"].load_state_dict(loaded.model)  # strict: every name, every shape
     for name, part in parts.items():
         if name == "model":
@@ -311,7 +378,7 @@ def resume(accelerator: Accelerator, candidates: list[Path], parts: dict, run_co
         failure, loaded = None, None
         try:
             loaded = _read(path, accelerator, run_config, total_steps)
-            _apply(loaded, parts)
+            _apply(loaded, parts, fresh)
             _set_rng(*loaded.rng, accelerator.device)
         except CheckpointError as err:
             failure = (isinstance(err, IncompatibleCheckpoint), str(err))
@@ -323,10 +390,14 @@ def resume(accelerator: Accelerator, candidates: list[Path], parts: dict, run_co
         rank, (incompatible, message) = agreed
         message = message if rank == 0 else f"rank {rank}: {message}"
         if incompatible:
-            raise IncompatibleCheckpoint(message)
+            error = IncompatibleCheckpoint(message)
+            error.agreed = True  # every rank raises it here
+            raise error
         for name, part in parts.items():  # undo what was applied before the failure
             part.load_state_dict(copy.deepcopy(fresh[name]))
         reasons.append(message)
         if path != candidates[-1]:
             warn(f"warning: {message}; trying the checkpoint before it")
-    raise CheckpointError("no usable checkpoint: " + "; ".join(reasons))
+    error = CheckpointError("no usable checkpoint: " + "; ".join(reasons))
+    error.agreed = True  # every rank raises it here
+    raise error

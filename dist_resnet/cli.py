@@ -28,8 +28,9 @@ def exit_code(err: BaseException) -> ExitCode:
     return next(code for kind, code in USER_ERRORS.items() if isinstance(err, kind))
 
 
-def fail(prog: str, err: BaseException, show: bool = True) -> ExitCode:
-    """Say what went wrong in one line (where show: rank 0 of a job) and return its exit code."""
+def fail(prog: str, err: BaseException, show: bool = True, code: ExitCode | None = None) -> ExitCode:
+    """Say what went wrong in one line (where show: rank 0 of a job) and return its exit code
+    (`code`, for an error of the command's own)."""
     if show:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-    return exit_code(err)
+    return code if code is not None else exit_code(err)

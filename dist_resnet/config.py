@@ -203,14 +203,15 @@ class Kind:
         return self.expected
 
 
-def positive(kind, maximum=None) -> Kind:
-    """A positive int, or a positive finite float, at most `maximum`."""
+def positive(kind, maximum=None, minimum=None) -> Kind:
+    """A positive int, or a positive finite float, at most `maximum` (at least `minimum`)."""
     if kind is int:
         top = maximum or 2**31 - 1
         return Kind(int, lambda v: 0 < v <= top, f"a whole number from 1 to {top}")
-    top = maximum or math.inf
-    return Kind(float, lambda v: 0 < v <= top and math.isfinite(v),
+    top, bottom = maximum or math.inf, minimum or 0
+    expected = (f"a number from {bottom:g} to {top:g}" if minimum else
                 "a positive finite number" + (f" up to {maximum:g}" if maximum else ""))
+    return Kind(float, lambda v: bottom <= v <= top and v > 0 and math.isfinite(v), expected)
 
 
 def _read_widths(text: str) -> tuple[int, ...]:
@@ -225,13 +226,14 @@ WIDTHS = Kind(_read_widths, lambda v: 0 < len(v) <= MAX_BLOCKS and all(0 < w <= 
 # A run name becomes a directory name under runs/ and a W&B display name: never a path.
 NAME = Kind(str, lambda v: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v)),
             "a name of letters, digits, '.', '_' and '-' (at most 128, not starting with '.' or '-')")
+PATH = Kind(str, bool, "a path")  # not empty: '' would be the working directory itself
 # Config fields whose values must be of a kind (the others are free text, flags or choices).
 KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WIDTHS,
          "epochs": positive(int, 10**6), "batch_size": positive(int), "lr": positive(float),
          "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
-         "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S), "checkpoint_every": NON_NEGATIVE,
+         "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
-         "run_name": NAME}
+         "run_name": NAME, "output_dir": PATH, "data_dir": PATH}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
            "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES}
@@ -280,7 +282,7 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     defaults, schedules, trackers = Config(), list(schedules), list(trackers)
     p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST with Accelerate "
                "(DDP, SyncBatchNorm, DistributedSampler, Adam).")
-    p.add_argument("--data-dir", default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
+    p.add_argument("--data-dir", type=PATH, default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing MNIST files")
     p.add_argument("--train-limit", type=KINDS["train_limit"], default=None,
@@ -335,7 +337,7 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
                    help="evaluate every N epochs (and always after the last)")
     p.add_argument("--log-every", type=KINDS["log_every"], default=defaults.log_every,
                    help="report the training loss every N steps")
-    p.add_argument("--output-dir", default=None, help="default: runs/<run name>")
+    p.add_argument("--output-dir", type=PATH, default=None, help="default: runs/<run name>")
     p.add_argument("--run-name", type=NAME, default=None,
                    help="default: the start time and a random suffix, YYYYmmdd-HHMMSS-xxxx")
     p.add_argument("--report-to", choices=[*trackers, "all", "none"], default=defaults.report_to,

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                           for t in data.load_split(data_dir, "test", options.test_limit or source.test_limit))
         result = recipe.evaluate(model, images, labels, accelerator, options.batch_size or source.batch_size)
         output_dir = options.output_dir or source.output_dir
+        if rundir.holds_run(output_dir):  # its report and plots are the training run's
+            raise rundir.RunDirError(f"--output-dir {output_dir} holds a training run: write the evaluation "
+                                     "into its eval/ (the default) or another directory")
         if accelerator.is_main_process:
             try:
                 output_dir.mkdir(parents=True, exist_ok=True)

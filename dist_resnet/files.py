@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -45,16 +46,16 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
     """The records of a JSON-lines file, and how many lines were skipped because they do not
     parse (a line cut short by a crash). A missing file holds no records."""
     try:
-        text = Path(path).read_text()
+        lines = Path(path).read_bytes().splitlines()
     except FileNotFoundError:
         return [], 0
     records, skipped = [], 0
-    for line in text.splitlines():
+    for line in lines:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode())
+        except (UnicodeDecodeError, ValueError, RecursionError):
             skipped += 1
             continue
         if isinstance(record, dict):
@@ -67,10 +68,12 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
 def read_record(path: str | Path, version: int) -> dict:
     """A JSON object written with {"format": version}; ValueError names what is wrong with it:
     unreadable, not an object, or of another format (another version of dist_resnet)."""
+    if not Path(path).is_file():  # a FIFO would block; a missing file says so below
+        raise ValueError(f"{path}: missing, or not a regular file")
     try:
         values = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable ({err})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     found = values.get("format") if isinstance(values, dict) else None
     if found != version:
         raise ValueError(f"{path}: not written by this version of dist_resnet (format {found}, "
@@ -91,6 +94,10 @@ class LockedError(Exception):
     """The lock is held by another live process; the message says which."""
 
 
+class NotALockFile(Exception):
+    """The lock's path is a link or something else than a file of its own."""
+
+
 class DirectoryLock:
     """An exclusive lock on DIR/.lock, held while this process lives.
 
@@ -103,7 +110,15 @@ class DirectoryLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the holder's details are written into the file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if os.path.islink(self.path):
+                raise NotALockFile(f"{self.path} is a symbolic link, not a lock file: remove it") from None
+            raise
+        if os.fstat(fd).st_nlink != 1 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotALockFile(f"{self.path} is linked to another file or is not a regular file: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -145,6 +145,8 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
     for name, tensor in state.items():
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64):
+            raise WeightsError(f"{path}: {name} is stored as {tensor.dtype}, not as floating-point weights")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"{path}: {name} holds non-finite values (NaN or infinity)")
     model = ResNet(widths)

@@ -32,7 +32,10 @@ SCHEDULES: dict[str, Callable] = {
 
 
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite. Every rank raises it at the same point: the
+    loss it looks at is all-reduced."""
+
+    agreed = True
 
 
 class TooFewImages(Exception):

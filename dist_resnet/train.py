@@ -36,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.start()
         return train(run)
-    except cli.USER_ERROR_TYPES as err:  # raised on every rank alike (Run.together)
+    except cli.USER_ERROR_TYPES as err:
         code = cli.fail(PROG, err, show=accelerator.is_main_process)
-        distributed.wait_for_all()
+        if getattr(err, "agreed", False):  # every rank raised it at the same point
+            distributed.wait_for_all()
         return code
+    except KeyboardInterrupt:  # Ctrl-C before training began (in the loop it stops with a checkpoint)
+        distributed.print_main(accelerator, f"{PROG}: interrupted before training began; nothing to save",
+                               file=sys.stderr)
+        return ExitCode.INTERRUPTED
     finally:
         run.close()
         distributed.teardown(accelerator)
@@ -49,18 +54,19 @@ def train(run: "Run") -> int:
     """The loop: a step, its bookkeeping, an evaluation at epoch ends, a checkpoint when one is
     due or a stop was asked for, and the stop itself, agreed by every rank at the same step."""
     stop = distributed.StopRequest(announce=run.say)
-    with stop.handling(), run.progress_bar():
-        for index in run.remaining_batches():
-            loss = run.recipe.step(index)  # forward, backward, optimizer step
-            run.count(loss, len(index))  # loss window and progress; logs every --log-every steps
-            if run.at_epoch_end():
-                run.evaluate_if_due()
-            signum = stop.agreed()  # 0, or the signal any rank received
-            if signum or run.checkpoint_due():
-                run.checkpoint()
-            if signum:
-                return run.stopped(signum)
-    return run.finish()
+    with stop.handling():  # till the end: a stop asked for during the report changes nothing
+        with run.progress_bar():
+            for index in run.remaining_batches():
+                loss = run.recipe.step(index)  # forward, backward, optimizer step
+                run.count(loss, len(index))  # loss window and progress; logs every --log-every steps
+                if run.at_epoch_end():
+                    run.evaluate_if_due()
+                signum = stop.agreed()  # 0, or the signal any rank received
+                if signum or run.checkpoint_due():
+                    run.checkpoint()
+                if signum:
+                    return run.stopped(signum)
+        return run.finish()
 
 
 class Run:
@@ -72,6 +78,7 @@ class Run:
         self.is_main = accelerator.is_main_process
         self.lock = self.trackers = self.plots = self.bar = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
+        self.metrics_failed = False
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -140,16 +147,19 @@ class Run:
             test_size=len(self.test_set[1]), steps_per_epoch=recipe_.steps_per_epoch,
             started=claim.continues.facts.started if claim.continues else _now(),
             provenance=provenance.describe(self.accelerator.device.type)))
-        # Trackers first: one that cannot start leaves the directory as it was, free for a retry.
-        self.trackers = tracking.Trackers(tracking.selected(config.report_to), self.output_dir, config,
-                                          self.run_id, record.flat(), say=self.say)
-        try:
-            record.write(self.output_dir)
-            # A continued run keeps its history up to the checkpoint; a new one starts empty.
-            resume_step = (meta.step if meta else 0) if claim.continues else None
-            self.metrics = tracking.MetricsFile(self.output_dir, resume_step)
-        except OSError as err:
-            raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
+        # Trackers before the record: one that cannot start leaves the directory as it was,
+        # free for a retry; the run --overwrite replaces is back in place then.
+        with rundir.replacing(self.output_dir, claim.replaces):
+            self.trackers = tracking.Trackers(tracking.selected(config.report_to), self.output_dir, config,
+                                              self.run_id, record.flat(), say=self.say)
+            try:
+                record.write(self.output_dir)
+                # A continued run keeps its history up to the checkpoint; a new one starts empty.
+                resume_step = (meta.step if meta else 0) if claim.continues else None
+                self.metrics = tracking.MetricsFile(self.output_dir, resume_step)
+            except OSError as err:
+                self.trackers.close()
+                raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
         self.plots = report.Plots(self.output_dir, say=self.say)
 
     def together(self, action, main_only: bool = False):
@@ -162,11 +172,11 @@ class Run:
             except cli.USER_ERROR_TYPES as err:
                 failure = err
         agreed = distributed.first_failure(failure)
-        if failure is not None:
-            raise failure
         if agreed is not None:
             rank, err = agreed
-            raise err if rank == 0 else type(err)(f"rank {rank}: {err}")
+            err = failure or (err if rank == 0 else type(err)(f"rank {rank}: {err}"))
+            err.agreed = True
+            raise err
         return result
 
     def _announce(self, meta) -> None:
@@ -230,7 +240,13 @@ class Run:
 
     def log(self, event: str, epoch: float, **values) -> None:
         if self.is_main:
-            self.metrics.append({"event": event, "step": self.step, "epoch": epoch, **values})
+            try:
+                self.metrics.append({"event": event, "step": self.step, "epoch": epoch, **values})
+            except OSError as err:  # the weights matter more: training goes on, checkpoints say if it can
+                if not self.metrics_failed:
+                    self.say(f"warning: cannot append to {self.metrics.path} ({err.strerror or err}): "
+                             "its history stops here")
+                self.metrics_failed = True
             # "epoch" once a step: with the train record, which every evaluated step also has.
             extra = {"epoch": epoch} if event == "train" else {}
             self.trackers.log({f"{event}/{k}": v for k, v in values.items()} | extra, self.step)
@@ -240,23 +256,46 @@ class Run:
         return self.at_epoch_end() or bool(every and self.step % every == 0)
 
     def checkpoint(self) -> None:
+        """A checkpoint of this step; at the last step the final weights are written first, and
+        a failure of either says where the final weights are, if anywhere."""
         window = self.window.state(self.step)  # raises first if the loss went non-finite
-        if self.step == self.recipe.total_steps:
-            self.save_weights()  # the final weights before anything else that could fail
         meta = checkpoint.Meta(self.run_id, self.step, self.accelerator.num_processes,
                                self.accelerator.mixed_precision, self.config, window)
-        checkpoint.save(self.accelerator, self.output_dir, meta, self.recipe.state(), self.config.keep_checkpoints)
+        final = self.step == self.recipe.total_steps
+        weights_error = self.save_weights(raise_error=False) if final else None
+        try:
+            saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.recipe.state(),
+                                    self.config.keep_checkpoints)
+        except checkpoint.CheckpointWriteError as err:
+            if final:
+                err = checkpoint.CheckpointWriteError(
+                    f"{err}; the final weights " + ("could not be written either: " + weights_error if weights_error
+                                                    else f"are in {self.output_dir / 'model.safetensors'}"))
+            err.agreed = True
+            raise err from None
+        if weights_error:
+            err = rundir.CannotWrite(f"{weights_error}; the final checkpoint {saved} holds them "
+                                     "(evaluate.py and predict.py read it)")
+            err.agreed = True
+            raise err
 
-    def save_weights(self) -> None:
+    def save_weights(self, raise_error: bool = True) -> str | None:
+        """model.safetensors, on rank 0; a failure is raised, or returned as its message."""
         def write():
             state = {k: v.detach().cpu().contiguous() for k, v in self.recipe.net.state_dict().items()}
             try:
                 files.write_atomic(self.output_dir / "model.safetensors", safetensors_bytes(state))
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
-                                         f"({err.strerror or err}); the newest checkpoint holds them") from None
-        self.together(write, main_only=True)
+                                         f"({err.strerror or err})") from None
+        try:
+            self.together(write, main_only=True)
+        except rundir.CannotWrite as err:
+            if raise_error:
+                raise
+            return str(err)
         self.weights_at = self.step
+        return None
 
     def stopped(self, signum: int) -> int:
         self.bar.close()

@@ -72,6 +72,23 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err
 
 
+def test_bad_train_options_leave_the_json_file_alone(tmp_path, capsys):
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"config": "notebook"}\n')
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--json-out", str(keep), "--", "--bogus"])
+    assert keep.read_text() == '{"config": "notebook"}\n' and "--bogus" in capsys.readouterr().err
+
+
+def test_options_the_data_cannot_satisfy_are_one_line():
+    result = run([sys.executable, "-m", "dist_resnet.bench", "--quick", "--device", "cpu", "--configs", "eager_fp32",
+                  "--", "--train-limit", "10"], timeout=240, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, describe(result)
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert errors == ["python -m dist_resnet.bench: error: --batch-size 256 is larger than the 10 training images: "
+                      "lower --batch-size"] and "Traceback" not in result.stderr
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()

@@ -107,3 +107,61 @@ def test_a_checkpoint_of_other_options_is_refused(saved, accelerator, option, va
     with pytest.raises(checkpoint.IncompatibleCheckpoint, match="saved with other options"):
         checkpoint.resume(accelerator, checkpoint.complete_checkpoints(out)[::-1], fresh.state(), other,
                           fresh.total_steps, warn=print)
+
+
+def edit_state(directory, change):
+    """Rewrite the JSON part of state.safetensors with change(skeleton), its tensors as they were."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = directory / "state.safetensors"
+    with safe_open(path, framework="pt") as file:
+        skeleton = json.loads(file.metadata()["state"])
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    change(skeleton)
+    save_file(tensors, path, {"state": json.dumps(skeleton)})
+
+
+def group_value(skeleton, key):
+    """The node of param_groups[0][key] in the optimizer's skeleton."""
+    groups = dict(skeleton["optimizer"]["dict"])["param_groups"]["list"]
+    return next(node for k, node in groups[0]["dict"] if k == key)
+
+
+@pytest.mark.parametrize("key, value", [("lr", -1.0), ("lr", "abc"), ("eps", None), ("weight_decay", 1e308),
+                                        ("capturable", True)])
+def test_hand_edited_optimizer_settings_are_refused(saved, key, value):
+    """A learning rate or setting that this run's schedule would not give at the checkpoint's
+    step: damaged, not trained on (the newest is edited; resume falls back to the one before)."""
+    _, out, fresh = saved
+    edit_state(checkpoint.complete_checkpoints(out)[-1], lambda skeleton: group_value(skeleton, key).update(value=value))
+    meta = resume(saved, warnings := [])
+    assert meta.step == 2 and "the optimizer's settings are not what this run's schedule gives" in warnings[0]
+
+
+def test_a_schedule_of_another_length_is_refused(saved):
+    _, out, _ = saved
+    def longer(skeleton):
+        total = next(node for k, node in skeleton["scheduler"]["dict"] if k == "total_steps")
+        total["value"] += 4
+    for directory in checkpoint.complete_checkpoints(out):
+        edit_state(directory, longer)
+    with pytest.raises(checkpoint.CheckpointError, match="the schedule's state is not this run's"):
+        resume(saved, [])
+
+
+def test_a_checkpoint_part_that_is_a_fifo_does_not_block(saved):
+    _, out, _ = saved
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    (newest / "state.safetensors").unlink()
+    os.mkfifo(newest / "state.safetensors")
+    meta = resume(saved, warnings := [])
+    assert meta.step == 2 and "not a regular file" in warnings[0]
+
+
+@pytest.mark.parametrize("content", ["[" * 100000, '{"format": 1, "window": {"loss_sum": NaN}}'])
+def test_hostile_meta_json_is_damage(saved, content):
+    _, out, _ = saved
+    (checkpoint.complete_checkpoints(out)[-1] / "meta.json").write_text(content)
+    assert resume(saved, warnings := []).step == 2 and warnings

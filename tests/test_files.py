@@ -32,10 +32,11 @@ def test_a_half_written_last_line_is_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     for step in (1, 2):
         files.append_line(path, json.dumps({"step": step}))
-    with open(path, "a") as f:
-        f.write('{"step": 3, "train_lo')  # what a kill in the middle of a write would leave
+    with open(path, "ab") as f:
+        f.write(b'{"step": 3, "train_lo\xff\n')  # a write cut short, and a byte that is not UTF-8
+        f.write(b'{"step": 4, "train_lo')  # what a kill in the middle of a write would leave
     records, skipped = files.read_jsonl(path)
-    assert [r["step"] for r in records] == [1, 2] and skipped == 1
+    assert [r["step"] for r in records] == [1, 2] and skipped == 2
     assert files.read_jsonl(tmp_path / "missing.jsonl") == ([], 0)
 
 

@@ -153,6 +153,7 @@ def bad_cases(weights, digits, tmp_path_factory) -> dict:
     good = load_file(weights / "model.safetensors")
     save_file({**good, "fc.bias": torch.tensor(0.0)}, bad / "scalar.safetensors")
     save_file({**good, "fc.weight": torch.full_like(good["fc.weight"], float("nan"))}, bad / "nan.safetensors")
+    save_file({**good, "fc.weight": good["fc.weight"].to(torch.float8_e4m3fn)}, bad / "float8.safetensors")
     image = digits[1][0][1]["grey"]
     return {
         "missing image": ([weights, bad / "missing.png"], "missing.png: no such file or directory"),
@@ -165,6 +166,7 @@ def bad_cases(weights, digits, tmp_path_factory) -> dict:
         "a huge model": ([bad / "huge.safetensors", image], "huge.safetensors: not the weights of a dist_resnet ResNet"),
         "a 0-d weight": ([bad / "scalar.safetensors", image], "weights do not fit the model (fc.bias is [], expected [10])"),
         "NaN weights": ([bad / "nan.safetensors", image], "fc.weight holds non-finite values"),
+        "float8 weights": ([bad / "float8.safetensors", image], "fc.weight is stored as torch.float8_e4m3fn"),
     }
 
 
@@ -176,7 +178,8 @@ def assert_one_line_error(code: int, stdout: str, stderr: str, expected: str) ->
 
 
 @pytest.mark.parametrize("case", ["missing image", "not an image", "empty directory", "random bytes as weights",
-                                  "other tensors as weights", "a huge model", "a 0-d weight", "NaN weights"])
+                                  "other tensors as weights", "a huge model", "a 0-d weight", "NaN weights",
+                                  "float8 weights"])
 def test_bad_input_is_one_line_and_exit_2(bad_cases, case, capsys):
     """In process, as a subprocess each would cost seconds of torch import: main() returns 2
     having printed one line, and an exception escaping it would fail the test."""

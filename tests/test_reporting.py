@@ -139,6 +139,16 @@ def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_pa
     assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "test_limit must be")
     (damaged / "config.json").write_text(json.dumps({**record, "format": 0}))
     assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "not written by this version")
+    (damaged / "config.json").write_text(json.dumps({**record, "per_process_batch": 0}))
+    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "per_process_batch out of range")
+
+
+def test_evaluate_never_writes_over_a_training_run(tracked_run, tmp_path):
+    before = (tracked_run / "classification_report.json").read_bytes()
+    checkpoint = sorted((tracked_run / "checkpoints").glob("step-*"))[0]
+    result = run([sys.executable, EVALUATE_PY, checkpoint, "--output-dir", tracked_run])
+    assert_one_line_error(result, 2, "holds a training run")
+    assert (tracked_run / "classification_report.json").read_bytes() == before
 
 
 def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, tmp_path):

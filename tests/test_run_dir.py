@@ -29,6 +29,7 @@ def train(mnist_dir, out, *args, **kw):
     return run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *TINY, "--output-dir", out, *args], **kw)
 
 
+
 def test_a_second_run_never_destroys_the_first(mnist_dir, tmp_path):
     out = tmp_path / "out"
     first = train(mnist_dir, out, "--epochs", "2")
@@ -74,8 +75,8 @@ def test_a_live_run_locks_its_directory_and_a_killed_one_does_not(mnist_dir, tmp
 
 
 def test_default_run_names_are_unique_within_a_second():
-    names = {rundir.default_run_name() for _ in range(50)}
-    assert len(names) == 50 and all(len(n.split("-")) == 3 for n in names)
+    names = {rundir.default_run_name() for _ in range(10)}  # a collision: about 3 in a million
+    assert len(names) == 10 and all(len(n.split("-")) == 3 and len(n.split("-")[2]) == 6 for n in names)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,62 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(sm
     kept = checkpoint.complete_checkpoints(out)
     assert kept and all(sorted(p.name for p in c.iterdir()) == ["meta.json", "model.safetensors", "rng-0.safetensors",
                                                                   "state.safetensors"] for c in kept)
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(finished_run, mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    too_big = train(mnist_dir, out, "--epochs", "1", "--overwrite", "--batch-size", "100000")
+    assert_one_line_error(too_big, 2, "is larger than the 256 training images")
+    no_wandb = train(mnist_dir, out, "--epochs", "1", "--overwrite", "--report-to", "wandb", "--wandb-mode", "online",
+                     env={"NETRC": "/dev/null", "WANDB_MODE": None})
+    assert_one_line_error(no_wandb, 5, "no credentials were found")
+    assert snapshot(out) == before and not list(out.glob(".replaced-*"))
+
+
+def test_overwrite_never_touches_files_that_are_not_a_runs(mnist_dir, tmp_path):
+    """A project directory whose folders happen to have a run's names is refused, --overwrite
+    or not; one with other files gets the run beside them, and they stay as they were."""
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "bert.pt").write_text("precious")
+    for args in ([], ["--overwrite"], ["--resume", "auto"]):
+        result = train(mnist_dir, project, "--epochs", "1", *args)
+        assert_one_line_error(result, 2, "holds checkpoints but no dist_resnet run")
+    assert (project / "checkpoints" / "bert.pt").read_text() == "precious"
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert_one_line_error(train(mnist_dir, notes, "--epochs", "1"), 2, "is not empty and holds no dist_resnet run")
+    beside = train(mnist_dir, notes, "--epochs", "1", "--overwrite")
+    assert beside.returncode == 0, describe(beside)
+    assert (notes / "todo.txt").read_text() == "mine" and (notes / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_continued_elsewhere_is_a_new_run(finished_run, mnist_dir, tmp_path):
+    ckpt = checkpoint.complete_checkpoints(finished_run)[0]
+    result = train(mnist_dir, tmp_path / "fork", "--epochs", "1", "--resume", ckpt)
+    assert result.returncode == 0, describe(result)
+    ids = [json.loads((d / "config.json").read_text())["run_id"] for d in (finished_run, tmp_path / "fork")]
+    assert ids[0] != ids[1]  # and so another W&B run
+
+
+def test_final_weights_that_cannot_be_written_are_in_the_final_checkpoint(finished_run, mnist_dir, tmp_path):
+    out = rerun_without_weights(finished_run, tmp_path)
+    (out / "model.safetensors").mkdir()  # in the way of the file
+    result = train(mnist_dir, out, "--epochs", "1", "--resume", "auto")
+    final = checkpoint.complete_checkpoints(out)[-1]
+    assert_one_line_error(result, 4, f"cannot write the final weights {out / 'model.safetensors'}")
+    assert f"the final checkpoint {final} holds them" in result.stderr and final.name == "step-00000004"
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(mnist_dir, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    assert_one_line_error(train(mnist_dir, out, "--epochs", "1"), 2, ".lock is a symbolic link")
+    assert victim.read_text() == "precious"
