@@ -34,8 +34,11 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
 
 
-# What --debug and --recipe fast change, unless the same option is given explicitly.
-DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 2048, "test_limit": 1024}
+# What --debug and --recipe fast change, unless the same option is given explicitly. The debug
+# run is seconds on a CPU and still learns (README, "What to expect"): a narrow model, small
+# batches, a one-cycle schedule and recalibrated BatchNorm statistics.
+DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 16384, "batch_size": 64,
+                   "schedule": "onecycle", "lr": 1e-2, "bn_recalibrate": 8}
 # The fast recipe: the same model, a one-cycle schedule with a larger peak learning rate,
 # label smoothing, BatchNorm statistics recomputed before each evaluation (their running
 # averages lag far behind the weights this early), and every speed option. Chosen by accuracy

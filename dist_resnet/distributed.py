@@ -113,21 +113,6 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-@contextmanager
-def local_main_first(accelerator: Accelerator):
-    """Run the body on each node's local main process first, then on the others, and let an
-    error raised by the first still reach the barrier, so no rank waits for a collective
-    timeout. The error is re-raised afterwards, on the process that raised it."""
-    error = None
-    with accelerator.local_main_process_first():
-        try:
-            yield
-        except Exception as err:  # re-raised below, after the barrier
-            error = err
-    if error is not None:
-        raise error
-
-
 def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
     """print() on global rank 0 only. Accelerator.print prints once per node, so a
     multi-node job would repeat every line."""

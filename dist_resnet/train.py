@@ -116,10 +116,23 @@ class Run:
         return rundir.claim(config, self.lock, checkpoint_run_id)
 
     def _load_data(self):
-        config, device = self.config, self.accelerator.device
-        # One download per node: the local main process fetches, the others wait, then check.
-        with distributed.local_main_first(self.accelerator):
-            data.ensure_mnist(config.data_dir, download=config.download and self.accelerator.is_local_main_process)
+        config, device, accelerator = self.config, self.accelerator.device, self.accelerator
+        # Rank 0 fetches what is missing while the others wait; then each node's first process
+        # fetches only if its data directory is not the one rank 0 filled (not shared between
+        # nodes); then every process checks. Downloads land under temporary names, so no
+        # process ever reads a half-written file.
+        fetchers = [accelerator.is_main_process, accelerator.is_local_main_process and not accelerator.is_main_process]
+        error = None
+        for fetches in fetchers:  # every rank passes both barriers, whatever failed where
+            if fetches and error is None:
+                try:
+                    data.ensure_mnist(config.data_dir, download=config.download)
+                except data.DataError as err:
+                    error = err
+            accelerator.wait_for_everyone()
+        if error is not None:
+            raise error
+        data.ensure_mnist(config.data_dir, download=False)
         train = [t.to(device) for t in data.load_split(config.data_dir, "train", config.train_limit)]
         test = [t.to(device) for t in data.load_split(config.data_dir, "test", config.test_limit)]
         return train, test

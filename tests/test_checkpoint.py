@@ -18,6 +18,8 @@ from conftest import (TRAIN_PY, assert_one_line_error, describe, free_port, run,
                       wait_for, worker_pids)
 from dist_resnet.checkpoint import complete_checkpoints
 
+pytestmark = pytest.mark.slow
+
 # 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps; a one-cycle
 # schedule, so that resume must restore the scheduler too.
 ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--schedule", "onecycle", "--train-limit", "960",
@@ -184,6 +186,26 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
     assert process.wait(timeout=60) == 130
     log = (tmp_path / "again.log").read_text()
     assert "second Ctrl-C: stopped at once, no checkpoint written" in log and "Traceback" not in log
+
+
+def test_ctrl_c_under_torchrun_checkpoints_every_rank(reference_runs, mnist_dir, tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it once
+    more): the workers agree on a step, checkpoint and exit, then the run resumes exactly.
+    torchrun itself exits 1 with its own report (README, "Exit codes")."""
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
+    process = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+                     TRAIN_PY, *args], tmp_path / "first.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=90) != 0
+    log = (tmp_path / "first.log").read_text()
+    assert "stopped by SIGINT at step" in log and f'File "{TRAIN_PY.parent}' not in log, log[-3000:]
+    stopped_step = int(log.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert complete_checkpoints(out)[-1].name == f"step-{stopped_step:08d}" and not worker_pids(str(out))
+    result = run(launch_command(2, *args, "--resume", "auto"), env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert_same_weights(out, reference_runs[2])
 
 
 def test_second_signal_during_save_does_not_corrupt_it(reference_runs, mnist_dir, tmp_path):

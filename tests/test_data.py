@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -181,3 +182,24 @@ def test_sharded_batches_together_are_the_single_process_batch(world_size):
     for step, expected in enumerate(single_batches):
         together = torch.cat([batches[step] for batches in per_rank])
         assert sorted(together.tolist()) == sorted(expected.tolist())
+
+
+def test_processes_sharing_one_data_directory_never_read_a_half_written_file(mnist_dir, tmp_path):
+    """Four processes (as the nodes of a job sharing ./data would) unpack the same .gz files at
+    once and read them: each gets the whole data set."""
+    shared = tmp_path / "shared"
+    raw = raw_dir(shared)
+    raw.mkdir(parents=True)
+    for name in ALL_FILES:
+        with gzip.open(raw / f"{name}.gz", "wb", compresslevel=1) as f:
+            f.write((raw_dir(mnist_dir) / name).read_bytes())
+    script = ("import sys, hashlib; from dist_resnet import data; data.ensure_mnist(sys.argv[1], download=False); "
+              "images, labels = data.load_split(sys.argv[1], 'train'); "
+              "print(hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())")
+    readers = [subprocess.Popen([sys.executable, "-c", script, str(shared)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [reader.communicate(timeout=120) for reader in readers]
+    assert all(reader.returncode == 0 for reader in readers), outputs
+    images, labels = load_split(mnist_dir, "train")
+    expected = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    assert {out.strip() for out, _ in outputs} == {expected}

@@ -19,6 +19,8 @@ from conftest import TRAIN_PY, accelerate_launch, describe, torchrun
 from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import ResNet
 
+pytestmark = pytest.mark.slow
+
 WIDTHS, BATCH, TRAIN_LIMIT, LR, SEED = (4, 8, 8), 48, 480, 2e-3, 7
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as in reference_run (torchrun sets it for N > 1)
 ARGS = ["--widths", ",".join(map(str, WIDTHS)), "--batch-size", BATCH, "--train-limit", TRAIN_LIMIT,

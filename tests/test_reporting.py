@@ -4,6 +4,7 @@ and evaluate.py reproducing the training report."""
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,17 @@ def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, 
 
 
 NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}
+
+
+def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist_dir, tmp_path):
+    out, wandb_dir = tmp_path / "out", tmp_path / "wandb-files"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
+                  "--output-dir", out], env={"WANDB_DIR": str(wandb_dir)})
+    assert result.returncode == 0, describe(result)
+    printed = Path(result.stdout.split("wandb sync ")[1].split()[0])
+    assert printed.parent == wandb_dir / "wandb" and printed.name.startswith("offline-run-") and printed.is_dir()
+    assert not (out / "wandb").exists()
+    assert wandb_records.history(wandb_records.run_file(wandb_dir))  # the run file, read back
 
 
 def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_dir, tmp_path):

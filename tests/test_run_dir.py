@@ -16,6 +16,8 @@ from conftest import TRAIN_PY, assert_one_line_error, describe, run, start, trai
 from dist_resnet import checkpoint, rundir
 from dist_resnet.train import main as train_main
 
+pytestmark = pytest.mark.slow
+
 TINY = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--test-limit", "64",
         "--no-download", "--report-to", "none"]
 

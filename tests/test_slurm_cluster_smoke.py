@@ -1,5 +1,8 @@
 """The throw-away local Slurm cluster (tests/slurm_cluster.py) runs real 2-node batch jobs."""
 
+import pytest
+
+pytestmark = pytest.mark.slow
 pytest_plugins = ["slurm_cluster"]  # the session-wide `slurm_cluster` fixture
 
 
