@@ -163,9 +163,14 @@ def _together(action, tmp: Path) -> None:
         raise CheckpointWriteError(message)
 
 
+def tensor_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """A safetensors file's bytes: the tensors on the host, contiguous (a channels-last weight
+    is not), and string metadata."""
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+
+
 def _write_tensors(path: Path, tensors: dict, metadata: dict) -> None:
-    _write_file(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                                        metadata))
+    _write_file(path, tensor_bytes(tensors, metadata))
 
 
 def _write_file(path: Path, content: str | bytes) -> None:

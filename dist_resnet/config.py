@@ -13,7 +13,6 @@ import importlib
 import math
 import os
 import re
-import sys
 import time
 import types
 import typing

@@ -112,7 +112,7 @@ class DirectoryLock:
     def acquire(self) -> None:
         try:  # never through a link: the holder's details are written into the file
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as err:
+        except OSError:
             if os.path.islink(self.path):
                 raise NotALockFile(f"{self.path} is a symbolic link, not a lock file: remove it") from None
             raise

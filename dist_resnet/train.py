@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from dist_resnet import checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
@@ -295,9 +294,9 @@ class Run:
     def save_weights(self, raise_error: bool = True) -> str | None:
         """model.safetensors, on rank 0; a failure is raised, or returned as its message."""
         def write():
-            state = {k: v.detach().cpu().contiguous() for k, v in self.recipe.net.state_dict().items()}
             try:
-                files.write_atomic(self.output_dir / "model.safetensors", safetensors_bytes(state))
+                files.write_atomic(self.output_dir / "model.safetensors",
+                                   checkpoint.tensor_bytes(self.recipe.net.state_dict()))
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
                                          f"({err.strerror or err})") from None
