@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, distributed, provenance, recipe, tracking
+from dist_resnet import cli, data, datasets, distributed, provenance, recipe, tracking
 from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
 PROG = "python -m dist_resnet.bench"
@@ -38,6 +38,9 @@ CONFIGS = {  # name: (what it is, train.py options)
     "compiled": ("+ torch.compile", [*SPEED["bf16"], "--compile"]),
     "compiled_cudagraphs": ("+ CUDA graphs", [*SPEED["bf16"], "--compile", "--compile-mode", "reduce-overhead"]),
     "compiled_augment": ("compiled + --augment", [*SPEED["bf16"], "--compile", "--augment"]),
+    # The streaming path beside eager_fp32: where it stops being the bottleneck, by loader workers.
+    **{f"stream_{n}_workers": (f"eager_fp32, streamed by a DataLoader with {n} worker process(es)",
+                               [*SPEED["eager"], "--data-path", "stream", "--workers", str(n)]) for n in (0, 1, 2, 4, 8)},
 }
 # --quick: seconds on a CPU; options after -- win, as explicit options win over train.py --debug.
 QUICK = ["--widths", "8,16,32", "--batch-size", "256"]
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     named = tuple(n.strip() for n in (args.configs or "").split(",") if n.strip())
     if set(named) - set(CONFIGS):
         p.error(f"--configs: unknown {', '.join(sorted(set(named) - set(CONFIGS)))}; choose from {', '.join(CONFIGS)}")
-    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS)  # bad train.py options: exit 2 now
+    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)  # bad train.py options: exit 2 now
     try:
         if args.json_out:
             open(args.json_out, "a").close()  # writable? (emptied when the run starts)
@@ -111,6 +114,8 @@ def skip_reason(name: str, settings: Settings) -> str | None:
     options = CONFIGS[name][1]
     if "reduce-overhead" in options and settings.device != "cuda":
         return "CUDA graphs need a CUDA device"
+    if "--data-path" in options and settings.quick and name not in settings.named:
+        return "the streaming path: name it in --configs"
     if "--compile" in options and settings.device == "cpu" and settings.quick and name not in settings.named:
         return "compile on CPU is slow; pass --configs to force"
     return None
@@ -118,13 +123,13 @@ def skip_reason(name: str, settings: Settings) -> str | None:
 
 # ---- one configuration, in a process of its own ------------------------------------------------
 
-def build(options: list[str]) -> recipe.Recipe:
-    """The Recipe train.py builds for these options (single process)."""
-    config = parse_config(options, recipe.SCHEDULES, tracking.TRACKERS)
+def build(options: list[str]) -> tuple[recipe.Recipe, object]:
+    """The Recipe train.py builds for these options (single process), and the test split."""
+    config = parse_config(options, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)
     accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
                                     timeout_s=config.dist_timeout)
-    images, labels = (t.to(accelerator.device) for t in data.load_split(config.data_dir, "train", config.train_limit))
-    return recipe.Recipe(config, accelerator, images, labels)
+    train, test, _ = datasets.load(config, accelerator.device)
+    return recipe.Recipe(config, accelerator, train), test
 
 
 def epoch_steps(run: recipe.Recipe, notebook: bool):
@@ -141,7 +146,8 @@ def epoch_steps(run: recipe.Recipe, notebook: bool):
                             generator=torch.Generator().manual_seed(run.config.seed))
         device = run.accelerator.device
         return lambda epoch: ((lambda x=x, y=y: run.step_on(x.to(device) * 255, y.to(device))) for x, y in loader)
-    return lambda epoch: ((lambda i=i: run.step(i)) for i in run.batches(epoch))
+    # Streamed, a batch is read (by the loader) when its step is taken from the generator: timed.
+    return lambda epoch: ((lambda x=x, y=y: run.step_on(x, y)) for x, y in run.train.batches(run.batches(epoch)))
 
 
 def synchronize(device: torch.device) -> None:
@@ -150,7 +156,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(options: list[str], notebook: bool, steps: int, warmup: int, target: float | None) -> dict:
-    run = build(options)
+    run, test = build(options)
     device, epochs = run.accelerator.device, epoch_steps(run, notebook)
     stream = itertools.chain.from_iterable(epochs(e) for e in itertools.count())
     memory_kind, memory_used = peak_memory(device)
@@ -173,7 +179,7 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
               "memory_kind": memory_kind, "warmup_s": round(warmup_s, 3),
               "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None}  # JSON has no NaN
     if target is not None:
-        result["time_to_accuracy"] = time_to_accuracy(run, epochs, target)
+        result["time_to_accuracy"] = time_to_accuracy(run, test, epochs, target)
     return result
 
 
@@ -192,13 +198,12 @@ def peak_memory(device: torch.device):
     return "cpu peak RSS delta (VmHWM, reset at the config's start)", lambda: max(0, high_water() - start)
 
 
-def time_to_accuracy(run: recipe.Recipe, epochs, target: float) -> dict:
+def time_to_accuracy(run: recipe.Recipe, test, epochs, target: float) -> dict:
     """Training seconds from the initial weights until the test accuracy reaches target, over
     at most the recipe's epochs. The code compiled during the warm-up is reused (restart()
     copies in place, so CUDA graphs keep their addresses); the evaluation after each epoch is
     not timed, the BatchNorm recalibration before it (part of the fast recipe) is."""
     run.restart()
-    test = [t.to(run.accelerator.device) for t in data.load_split(run.config.data_dir, "test")]
     device, trained_s, history = run.accelerator.device, 0.0, []
     for epoch in range(run.config.epochs):
         synchronize(device)
@@ -208,7 +213,7 @@ def time_to_accuracy(run: recipe.Recipe, epochs, target: float) -> dict:
         run.recalibrate(run.batches(epoch))
         synchronize(device)
         trained_s += time.perf_counter() - start
-        history.append(round(run.evaluate(*test).accuracy, 4))
+        history.append(round(run.evaluate(test).accuracy, 4))
         if history[-1] >= target:
             break
     reached = history[-1] >= target

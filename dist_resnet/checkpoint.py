@@ -112,9 +112,11 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: dict, keep: int) -> Path:
+def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: dict, keep: int,
+         model_metadata: dict | None = None) -> Path:
     """Write checkpoint step-<meta.step>; called by every rank. parts: name -> an object with
-    state_dict() (recipe.Recipe.state()). A rank that cannot write makes every rank raise
+    state_dict() (recipe.Recipe.state()); model_metadata: the safetensors metadata of its
+    model.safetensors (what the weights were trained on). A rank that cannot write makes every rank raise
     CheckpointWriteError, and the previous checkpoint is kept."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{meta.step:08d}"
@@ -128,7 +130,7 @@ def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: di
     def write_parts():
         _write_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", *_rng_state())
         if accelerator.is_main_process:
-            _write_tensors(tmp / "model.safetensors", parts["model"].state_dict(), {})
+            _write_tensors(tmp / "model.safetensors", parts["model"].state_dict(), model_metadata or {})
             tensors = {}
             skeleton = {name: _split(part.state_dict(), tensors, name) for name, part in parts.items()
                         if name != "model"}

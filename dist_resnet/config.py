@@ -55,10 +55,16 @@ MAX_WIDTH, MAX_BLOCKS = 4096, 16
 @dataclass(frozen=True)
 class Config:
     # data
+    dataset: str = "mnist"  # a name from datasets.DATASETS
     data_dir: str = "./data"  # MNIST in torchvision's layout: DATA_DIR/MNIST/raw/*-ubyte
     download: bool = True  # fetch missing files (once per node)
     train_limit: int | None = None  # use only the first N training images
     test_limit: int | None = None  # use only the first N test images
+    image_size: int | None = None  # resize every image to N x N (default: the data set's size)
+    mean: tuple[float, ...] | None = None  # normalisation per channel (default: the data set's)
+    std: tuple[float, ...] | None = None
+    data_path: str = "auto"  # resident|stream|auto (resident when the data fits)
+    workers: int | None = None  # streaming loader processes per rank (default: from the free cores)
     # model
     widths: tuple[int, ...] = (32, 64, 128)  # channels of each residual block
     sync_bn: bool = True  # SyncBatchNorm when several GPU processes train
@@ -103,7 +109,10 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict, source: str) -> "Config":
         """The Config a run record holds, checked as strictly as the command line: a missing,
-        unknown, mistyped or out-of-range value raises ValueError naming it."""
+        unknown, mistyped or out-of-range value raises ValueError naming it. Options added
+        after a record was written take their defaults (the record is of an older version)."""
+        defaults = Config().to_dict()
+        values = {**{name: defaults[name] for name in ADDED_OPTIONS}, **values}
         config = from_values(cls, values, source)
         for name, kind in KINDS.items():
             value = getattr(config, name)
@@ -129,10 +138,13 @@ def from_values(cls, values: dict, source: str):
     return cls(**{name: _typed(values[name], hints[name], f"{source}: {name}") for name in names})
 
 
+# Options added since the first run-record format: an older record lacks them, and means their
+# defaults (which keep the behaviour it was written with).
+ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers")
 # Options that decide what is trained: a resumed run must use the same values (README,
 # "Checkpoints and resume"). Every other option may change between the pieces of a run.
-MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
-                        "augment", "seed", "train_limit", "compile", "sync_bn")
+MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
+                        "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -220,6 +232,10 @@ def _read_widths(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
 
+def _read_floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(","))
+
+
 NON_NEGATIVE = Kind(int, lambda v: 0 <= v <= 2**31 - 1, "a whole number >= 0")
 FRACTION = Kind(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 SEED = Kind(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
@@ -228,6 +244,10 @@ WIDTHS = Kind(_read_widths, lambda v: 0 < len(v) <= MAX_BLOCKS and all(0 < w <= 
 # A run name becomes a directory name under runs/ and a W&B display name: never a path.
 NAME = Kind(str, lambda v: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v)),
             "a name of letters, digits, '.', '_' and '-' (at most 128, not starting with '.' or '-')")
+PER_CHANNEL = Kind(_read_floats, lambda v: 0 < len(v) <= 4 and all(math.isfinite(x) for x in v),
+                   "1 to 4 comma-separated numbers (one, or one per channel), such as 0.5,0.5,0.5")
+SPREAD = Kind(_read_floats, lambda v: 0 < len(v) <= 4 and all(math.isfinite(x) and x > 0 for x in v),
+              "1 to 4 comma-separated positive numbers (one, or one per channel)")
 PATH = Kind(str, bool, "a path")  # not empty: '' would be the working directory itself
 # Config fields whose values must be of a kind (the others are free text, flags or choices).
 KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WIDTHS,
@@ -235,9 +255,11 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
-         "run_name": NAME, "output_dir": PATH, "data_dir": PATH}
+         "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "image_size": positive(int, 4096),
+         "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64")}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
-CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
+DATA_PATHS = ("auto", "resident", "stream")
+CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES, "data_path": DATA_PATHS,
            "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES}
 
 
@@ -278,19 +300,34 @@ def _choices_help(names: Iterable[str]) -> str:
     return "|".join(names)
 
 
-def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
-    """train.py's command line. The schedule and tracker choices come from the registries
-    that implement them (recipe.SCHEDULES, tracking.TRACKERS)."""
+def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: Iterable[str]) -> Parser:
+    """train.py's command line. The schedule, tracker and data set choices come from the
+    registries that implement them (recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)."""
     defaults, schedules, trackers = Config(), list(schedules), list(trackers)
-    p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST with Accelerate "
-               "(DDP, SyncBatchNorm, DistributedSampler, Adam).")
-    p.add_argument("--data-dir", type=PATH, default=defaults.data_dir, help="holds MNIST/raw/*-ubyte")
+    p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST (or another data set) with "
+               "Accelerate (DDP, SyncBatchNorm, DistributedSampler, Adam).")
+    p.add_argument("--dataset", choices=list(datasets), default=defaults.dataset,
+                   help="what to train on (README, \"Data sets\")")
+    p.add_argument("--data-dir", type=PATH, default=defaults.data_dir,
+                   help="where the data set's files are (README, \"Data sets\"): MNIST in DATA_DIR/MNIST/raw/")
     p.add_argument("--no-download", dest="download", action="store_false",
-                   help="fail instead of downloading missing MNIST files")
+                   help="fail instead of downloading missing data set files")
     p.add_argument("--train-limit", type=KINDS["train_limit"], default=None,
                    help="train on the first N images only")
     p.add_argument("--test-limit", type=KINDS["test_limit"], default=None,
                    help="evaluate on the first N test images only")
+    p.add_argument("--image-size", type=KINDS["image_size"], default=None, metavar="N",
+                   help="resize every image to NxN (default: the data set's own size)")
+    p.add_argument("--mean", type=PER_CHANNEL, default=None,
+                   help="pixel mean (0-1) to subtract, one or one per channel (default: the data set's)")
+    p.add_argument("--std", type=SPREAD, default=None,
+                   help="pixel standard deviation (0-1) to divide by (default: the data set's)")
+    p.add_argument("--data-path", choices=DATA_PATHS, default=defaults.data_path,
+                   help="resident: the whole data set on the device; stream: a DataLoader reads each "
+                   "batch; auto: resident when it fits (the choice is printed)")
+    p.add_argument("--workers", type=KINDS["workers"], default=None,
+                   help="DataLoader worker processes per rank when streaming (default: the cores "
+                   "per process, less one, at most 8)")
     p.add_argument("--widths", type=WIDTHS, default=None,
                    help=f"channels per residual block (default {_show(defaults.widths)})")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=defaults.sync_bn,
@@ -357,9 +394,10 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     return p
 
 
-def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Iterable[str]) -> Config:
+def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Iterable[str],
+                 datasets: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
-    parser = build_parser(schedules, trackers)
+    parser = build_parser(schedules, trackers, datasets)
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),

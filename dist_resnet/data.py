@@ -1,10 +1,14 @@
-"""MNIST as whole tensors, and the per-process batches DistributedSampler assigns.
+"""Images as uint8 tensors, and the per-process batches DistributedSampler assigns: the MNIST
+family's IDX files, the two ways a split reaches the step, normalisation and augmentation.
 
-The images are decoded once into one uint8 tensor and kept on the training device; a batch
-is an index into it, so no per-sample Python runs in the step (docs/benchmarks.md compares
-this with the reference's per-sample PIL -> ToTensor path).
+Resident: a split is decoded once into one uint8 tensor kept on the training device, and a
+batch is an index into it, so no per-sample Python runs in the step (docs/benchmarks.md
+compares this with the reference's per-sample PIL -> ToTensor path). Streamed: a DataLoader's
+worker processes read the same index batches from the files, uint8 on the wire, normalised on
+the device. Both feed the same samples in the same order to the same ranks.
 """
 
+import functools
 import gzip
 import math
 import os
@@ -13,18 +17,23 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
-from torchvision.datasets import MNIST
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The MNIST family: the same four IDX files, in torchvision's layout DATA_DIR/<folder>/raw.
+IDX_DATASETS = {"mnist": MNIST, "fashion-mnist": FashionMNIST, "kmnist": KMNIST}
 # The usual MNIST normalisation (mean and standard deviation of the training pixels).
 MEAN, STD = 0.1307, 0.3081
 # The largest MNIST file is 47 MB unpacked; a .gz that unpacks to more is not MNIST.
@@ -35,8 +44,8 @@ class DataError(Exception):
     """The data set is missing or unreadable; the message says which file and what to do."""
 
 
-def raw_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "MNIST" / "raw"
+def raw_dir(data_dir: str | Path, name: str = "mnist") -> Path:
+    return Path(data_dir) / IDX_DATASETS[name].__name__ / "raw"
 
 
 def all_files() -> list[str]:
@@ -65,7 +74,7 @@ def _unpack(packed: Path, target: Path) -> None:
                 written += len(chunk)
                 if written > MAX_FILE_BYTES:
                     raise DataError(f"{packed}: unpacks to more than {MAX_FILE_BYTES >> 20} MiB, far more "
-                                    "than any MNIST file: not MNIST")
+                                    "than any MNIST-family file: not one")
                 dst.write(chunk)
         os.replace(temp, target)
     except (OSError, EOFError, zlib.error) as err:
@@ -74,20 +83,20 @@ def _unpack(packed: Path, target: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _download(data_dir: Path, root: Path) -> None:
-    """torchvision's MNIST download (mirrors, checksums) into a private temporary directory
-    beside the data, then each file renamed into place: processes that download at once, on
+def _download(data_dir: Path, root: Path, name: str) -> None:
+    """torchvision's download of an MNIST-family data set (mirrors, checksums) into a private
+    temporary directory beside the data, then each file renamed into place: processes that download at once, on
     one node or on several sharing the directory, never see a half-written file."""
     staging = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
-        MNIST(str(staging), train=True, download=True)
-        for name in all_files():
-            os.replace(raw_dir(staging) / name, root / name)
+        IDX_DATASETS[name](str(staging), train=True, download=True)
+        for file in all_files():
+            os.replace(raw_dir(staging, name) / file, root / file)
     except Exception as err:  # torchvision raises several kinds; the message is what helps
         raise DataError(
-            f"could not download MNIST into {root} ({' '.join(str(err).split())}). "
+            f"could not download {IDX_DATASETS[name].__name__} into {root} ({' '.join(str(err).split())}). "
             f"Copy the four files {', '.join(all_files())} there by hand (as *-ubyte, or *-ubyte.gz)."
         ) from None
     finally:
@@ -95,13 +104,14 @@ def _download(data_dir: Path, root: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_mnist(data_dir: str | Path, download: bool) -> Path:
-    """Make sure the four raw files are in DATA_DIR/MNIST/raw, decompressing *.gz copies
+def ensure_mnist(data_dir: str | Path, download: bool, name: str = "mnist") -> Path:
+    """Make sure the four raw files of MNIST (or another of IDX_DATASETS) are in
+    DATA_DIR/<folder>/raw, decompressing *.gz copies
     found there and downloading only what is still missing (when allowed). A raw file whose
     size disagrees with its .gz beside it (a decompression cut short) is reported."""
-    root = raw_dir(data_dir)
-    for name in all_files():
-        raw, packed = root / name, root / f"{name}.gz"
+    root = raw_dir(data_dir, name)
+    for file in all_files():
+        raw, packed = root / file, root / f"{file}.gz"
         if not packed.is_file():
             continue
         if not raw.is_file():
@@ -112,12 +122,12 @@ def ensure_mnist(data_dir: str | Path, download: bool) -> Path:
                 f"({_unpacked_size(packed)} bytes unpacked): delete the one that is damaged")
     missing = _missing(root)
     if missing and download:
-        _download(Path(data_dir), root)
+        _download(Path(data_dir), root, name)
         missing = _missing(root)
     if missing:
         hint = "" if download else " (downloading is off: --no-download)"
         raise DataError(
-            f"MNIST not found in {root}{hint}: missing {', '.join(missing)}. Expected the four "
+            f"{IDX_DATASETS[name].__name__} not found in {root}{hint}: missing {', '.join(missing)}. Expected the four "
             f"files {', '.join(all_files())} (as *-ubyte, or *-ubyte.gz)."
         )
     return root
@@ -151,9 +161,9 @@ def write_synthetic(data_dir: str | Path, train_size: int, test_size: int, seed:
     return Path(data_dir)
 
 
-def load_split(data_dir: str | Path, split: str, limit: int | None = None):
+def load_split(data_dir: str | Path, split: str, limit: int | None = None, name: str = "mnist"):
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one split, read from the raw files."""
-    root = raw_dir(data_dir)
+    root = raw_dir(data_dir, name)
     image_name, label_name = FILES[split]
     images = _read(root / image_name, read_image_file)
     labels = _read(root / label_name, read_label_file)
@@ -178,9 +188,16 @@ def _read(path: Path, reader) -> torch.Tensor:
         raise DataError(f"{path}: not a readable MNIST IDX file ({type(err).__name__}: {err})") from None
 
 
-def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (or 0-255 float) pixels -> standardized floats, done per batch on the device."""
-    out = (images.float() / 255 - MEAN) / STD
+def normalize(images: torch.Tensor, channels_last: bool = False, mean: tuple[float, ...] = (MEAN,),
+              std: tuple[float, ...] = (STD,)) -> torch.Tensor:
+    """uint8 (or 0-255 float) pixels -> standardized floats, done per batch on the device: one
+    mean and standard deviation per channel (or one for all)."""
+    if len(mean) == 1:  # plain Python numbers: exactly the arithmetic the MNIST default always did
+        out = (images.float() / 255 - mean[0]) / std[0]
+    else:
+        shape = (1, len(mean), 1, 1)
+        out = ((images.float() / 255 - torch.tensor(mean, device=images.device).view(shape))
+               / torch.tensor(std, device=images.device).view(shape))
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -199,6 +216,169 @@ def random_affine(images: torch.Tensor, degrees: float = 10.0, shift: float = 0.
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int | None = None) -> torch.Tensor:
+    """CIFAR's usual augmentation, batched on the device: each image padded with zeros by
+    `padding` pixels (an eighth of its size by default), cropped back to its size at a random
+    offset, and mirrored left-right with probability 1/2. uint8 in, float 0-255 out."""
+    n, channels, height, width = images.shape
+    device = images.device
+    pad = padding if padding is not None else max(1, min(height, width) // 8)
+    padded = F.pad(images.float(), (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
+    flip = torch.rand(n, 1, device=device) < 0.5
+    cols = torch.arange(width, device=device).expand(n, width)
+    cols = torch.where(flip, width - 1 - cols, cols) + dx  # a mirrored crop reads its columns backwards
+    rows = torch.arange(height, device=device).expand(n, height) + dy
+    batch = torch.arange(n, device=device).view(n, 1, 1)
+    # [n, height, width, channels] by advanced indexing, then back to channels first.
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+# name -> augmentation of a uint8 batch on the device (float 0-255 out); a data set names its own.
+AUGMENTATIONS = {"affine": random_affine, "crop-flip": random_crop_flip}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model, the step and the report need to know of a data set."""
+
+    name: str
+    channels: int
+    size: tuple[int, int]  # height, width
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, or one for all
+    std: tuple[float, ...]
+    augmentation: str  # a key of AUGMENTATIONS
+
+    def normalize(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        return normalize(images, channels_last, self.mean, self.std)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        return AUGMENTATIONS[self.augmentation](images)
+
+
+MNIST_SPEC = DataSpec("mnist", 1, (28, 28), tuple(str(d) for d in range(10)), (MEAN,), (STD,), "affine")
+
+
+class ArraySplit(torch.utils.data.Dataset):
+    """A split held in host memory as arrays (the MNIST family, CIFAR-10): uint8 images
+    [N, C, H, W] and int64 labels [N]."""
+
+    decodes = False  # load_all has nothing to decode
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: DataSpec):
+        self.images, self.labels, self.spec = images, labels, spec
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def load_all(self, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.labels
+
+    def limited(self, limit: int | None) -> "ArraySplit":
+        return self if limit is None else ArraySplit(self.images[:limit], self.labels[:limit], self.spec)
+
+
+class Resident:
+    """A split decoded once and kept whole on the device: a batch is an index into it."""
+
+    path = "resident"
+
+    def __init__(self, split, device, progress=None):
+        images, labels = split.load_all(progress)
+        self.spec, self.index_device = split.spec, torch.device(device)
+        self.images, self.labels = images.to(device), labels.to(device)
+
+    @functools.cached_property
+    def host_images(self) -> torch.Tensor:
+        return self.images.cpu()  # for the plots (no copy on CPU)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in index_batches:
+            yield self.images[index], self.labels[index]
+
+
+class Streamed:
+    """A split read batch by batch from host memory or files by a DataLoader's worker
+    processes, in the index batches it is given (so the samples, their order and their ranks
+    are the resident path's): uint8 on the wire, pinned for the copy to a GPU."""
+
+    path = "stream"
+
+    def __init__(self, split, device, workers: int):
+        self.split, self.spec, self.workers = split, split.spec, workers
+        self.device, self.index_device = torch.device(device), torch.device("cpu")
+        self.host_images = _Images(split)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = [index.tolist() for index in index_batches]
+        if not batches:  # a DataLoader over no batches still starts its workers
+            return
+        on_gpu = self.device.type == "cuda"
+        # A generator of its own: by default a DataLoader draws its workers' seeds from the global
+        # generator, which would shift the augmentation's draws away from the resident path's.
+        loader = iter(DataLoader(self.split, batch_sampler=batches, num_workers=self.workers, pin_memory=on_gpu,
+                                 generator=torch.Generator()))
+        while True:
+            try:
+                images, labels = next(loader)
+            except StopIteration:
+                return
+            except DataError as err:  # raised in a worker: its message is the last line of the text
+                message = str(err).strip().splitlines()[-1]
+                raise DataError(message.split("DataError: ", 1)[-1]) from None
+            yield images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu)
+
+
+class _Images:
+    """split[i]'s image, as a resident split's host_images[i] gives it."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return self.split[int(i)][0]
+
+
+# Automatic choice: a split stays resident while the whole data set takes at most this
+# fraction of the memory it would live in (the GPU's, or the host's per process).
+RESIDENT_FRACTION = 0.25
+
+
+def choose_path(requested: str, nbytes: int, device, processes_per_node: int = 1) -> tuple[str, str]:
+    """("resident" or "stream", why) for a data set of nbytes uint8 pixels (--data-path)."""
+    if requested != "auto":
+        return requested, f"--data-path {requested}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        capacity, where = torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    else:
+        capacity = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // processes_per_node
+        where = "host memory per process"
+    fits = nbytes <= RESIDENT_FRACTION * capacity
+    return ("resident" if fits else "stream",
+            f"{nbytes / 2**20:.0f} MiB of pixels is {'at most' if fits else 'more than'} "
+            f"{RESIDENT_FRACTION:.0%} of the {capacity / 2**30:.1f} GiB of {where}")
+
+
+def source(split, path: str, device, workers: int, progress=None):
+    """The split as the step reads it: Resident or Streamed."""
+    return Resident(split, device, progress) if path == "resident" else Streamed(split, device, workers)
 
 
 def make_sampler(num_samples: int, world_size: int, rank: int, shuffle: bool, seed: int = 0):

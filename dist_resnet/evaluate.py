@@ -1,21 +1,23 @@
-"""Evaluate saved weights on the MNIST test set: the classification report and plots that
-training writes, from a run directory, a checkpoint or a weights file.
+"""Evaluate saved weights on their data set's test split: the classification report and plots
+that training writes, from a run directory, a checkpoint or a weights file.
 
     python dist_resnet/evaluate.py runs/NAME                 # or accelerate launch ...
     python dist_resnet/evaluate.py runs/NAME/checkpoints/step-00000120 --output-dir eval/
 
-The test set, batch size and precision default to the run's own, read from the run it was
-given (its config.json, or a checkpoint's meta.json), so the report is the training report.
+The data set, test split, batch size and precision default to the run's own, read from the
+run it was given (its config.json, or a checkpoint's meta.json) or from the weights file, so
+the report is the training report.
 """
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_resnet import checkpoint, cli, data, distributed, recipe, report, rundir
+from dist_resnet import checkpoint, cli, data, datasets, distributed, recipe, report, rundir
 from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, positive, rank_from_env
-from dist_resnet.model import WeightsError, load_model
+from dist_resnet.model import WeightsError, load_model, read_card
 
 PROG = "dist_resnet/evaluate.py"
 
@@ -23,6 +25,7 @@ PROG = "dist_resnet/evaluate.py"
 @dataclass(frozen=True)
 class Options:
     weights: Path
+    dataset: str | None
     data_dir: str | None
     test_limit: int | None
     batch_size: int | None  # per process
@@ -35,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser = Parser(PROG, __doc__.split("\n\n")[0])
     parser.add_argument("weights", type=Path,
                         help="a run's output directory, a checkpoint directory, or a model.safetensors file")
+    parser.add_argument("--dataset", choices=list(datasets.DATASETS),
+                        help="default: the run's, else the one the weights file names, else mnist")
     parser.add_argument("--data-dir", help="default: the run's, else ./data")
     parser.add_argument("--test-limit", type=positive(int), help="default: the run's (all test images)")
     parser.add_argument("--batch-size", type=positive(int), help="per process; default: the run's")
@@ -51,6 +56,7 @@ class Source:
     """What to evaluate and how the run that made it evaluated."""
 
     weights: Path  # a model.safetensors file
+    config: Config | None = None  # the run's, where known: its data set, size and normalisation
     data_dir: str = "./data"
     test_limit: int | None = None
     batch_size: int = 1024
@@ -66,7 +72,7 @@ def find_source(path: Path) -> Source:
         directory = path if path.is_dir() else path.parent
         meta = checkpoint.Meta.read(directory)
         run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else None
-        return Source(directory / "model.safetensors", meta.config.data_dir, meta.config.test_limit,
+        return Source(directory / "model.safetensors", meta.config, meta.config.data_dir, meta.config.test_limit,
                       meta.config.batch_size // meta.world_size, meta.mixed_precision,
                       run_dir / "eval" / directory.name if run_dir else directory / "eval")
     directory = path if path.is_dir() else path.parent
@@ -83,8 +89,34 @@ def find_source(path: Path) -> Source:
         return dataclasses.replace(find_source(found[-1]), note=(
             f"{directory} has no final weights (the run did not finish): evaluating its newest "
             f"checkpoint, {found[-1].name}"))
-    return Source(weights, record.config.data_dir, record.config.test_limit, record.facts.per_process_batch,
+    return Source(weights, record.config, record.config.data_dir, record.config.test_limit, record.facts.per_process_batch,
                   record.facts.resolved_mixed_precision, directory / "eval")
+
+
+def test_split(options: Options, source: Source, model):
+    """The test split the weights are evaluated on: the run's data set, size and
+    normalisation (else what the weights file says), checked against the model."""
+    card, config = read_card(source.weights) or {}, source.config
+    name = options.dataset or (config.dataset if config else card.get("dataset", "mnist"))
+    if name not in datasets.DATASETS:
+        raise WeightsError(f"{source.weights}: trained on {name!r}, which this version does not know")
+    if card.get("dataset", name) != name:
+        raise WeightsError(f"{source.weights} was trained on {card['dataset']}, not --dataset {name}")
+    image_size = config.image_size if config else None
+    data_options = datasets.Options(options.data_dir or source.data_dir, image_size=image_size)
+    datasets.DATASETS[name].fetch(data_options)
+    _, test = datasets.open_splits(name, data_options, test_limit=options.test_limit or source.test_limit)
+    mean, std = (config.mean, config.std) if config else (card.get("mean"), card.get("std"))
+    test = datasets.with_normalisation(test, mean and tuple(mean), std and tuple(std))
+    spec, classes = test.spec, model.fc.out_features
+    if model.blocks[0].conv1.in_channels != spec.channels or classes != len(spec.class_names):
+        raise WeightsError(f"{source.weights}: a model of {model.blocks[0].conv1.in_channels} channel(s) and "
+                           f"{classes} classes does not fit {name} ({spec.channels} channel(s), "
+                           f"{len(spec.class_names)} classes)")
+    if card.get("class_names", list(spec.class_names)) != list(spec.class_names):
+        raise WeightsError(f"{source.weights}: trained on the classes {', '.join(card['class_names'][:5])}..., "
+                           f"not those in {data_options.data_dir} ({', '.join(spec.class_names[:5])}...)")
+    return test
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         if source.note:
             say(source.note)
         model = load_model(source.weights, WIDTHS.accepts).to(accelerator.device)
-        data_dir = options.data_dir or source.data_dir
-        data.ensure_mnist(data_dir, download=False)
-        images, labels = (t.to(accelerator.device)
-                          for t in data.load_split(data_dir, "test", options.test_limit or source.test_limit))
-        result = recipe.evaluate(model, images, labels, accelerator, options.batch_size or source.batch_size)
+        test = test_split(options, source, model)
+        path, _ = data.choose_path("auto", len(test) * test.spec.channels * test.spec.size[0] * test.spec.size[1],
+                                   accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        test = data.source(test, path, accelerator.device, workers=0)
+        result = recipe.evaluate(model, test, accelerator, options.batch_size or source.batch_size)
         output_dir = options.output_dir or source.output_dir
         if rundir.holds_run(output_dir):  # its report and plots are the training run's
             raise rundir.RunDirError(f"--output-dir {output_dir} holds a training run: write the evaluation "
@@ -116,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the report in {output_dir} ({err.strerror or err})") from None
             plots = report.Plots(output_dir, say=say)
-            plots.finish(result, images.cpu(), records=None)
+            plots.finish(result, test.host_images, records=None)
             say(text)
             say(f"accuracy {result.accuracy:.4f} on {len(result.labels)} test images; report and plots in {output_dir}")
     except cli.USER_ERROR_TYPES as err:

@@ -1,4 +1,5 @@
-"""A photo or scan of one handwritten digit, brought to the form MNIST's digits have."""
+"""A photo or scan of one handwritten digit, brought to the form MNIST's digits have; or any
+image, converted and resized to a data set's channels and size."""
 
 from pathlib import Path
 
@@ -98,3 +99,21 @@ def read_digit(path: Path) -> np.ndarray:
     # Pillow raises OSError subclasses for unreadable files, and others for hostile ones.
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: not a readable image ({err})") from None
+
+
+def read_resized(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [channels, height, width]: the image in grey (1) or RGB (3), resized to size."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+            pixels = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def displayable(image) -> np.ndarray:
+    """A uint8 [C, H, W] image (numpy or torch, on the host) as images are shown: [H, W] grey
+    or [H, W, 3] colour."""
+    image = np.asarray(image)
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)

@@ -1,5 +1,7 @@
-"""The residual network of the reference notebook, with configurable widths."""
+"""The residual network of the reference notebook, with configurable widths, input channels
+and classes; and its weights file, which also says what the model was trained on."""
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from torch import nn
 
 REFERENCE_WIDTHS = (32, 64, 128)
 NUM_CLASSES = 10
+MAX_CLASSES = 100_000
 
 
 class ResBlock(nn.Module):
@@ -39,9 +42,11 @@ class ResBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResBlock(1->w0), ResBlock(w0->w1), ..., the last with stride 2; pool; linear."""
+    """ResBlock(C->w0), ResBlock(w0->w1), ..., the last with stride 2; pool; linear. Global
+    average pooling makes it take any input size."""
 
-    def __init__(self, widths: Sequence[int] = REFERENCE_WIDTHS, in_channels: int = 1):
+    def __init__(self, widths: Sequence[int] = REFERENCE_WIDTHS, in_channels: int = 1,
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         channels = [in_channels, *widths]
         last = len(widths) - 1
@@ -52,7 +57,7 @@ class ResNet(nn.Module):
             )
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], NUM_CLASSES)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.blocks(x)), 1))
@@ -110,6 +115,28 @@ def widths_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(widths)
 
 
+# The safetensors metadata key under which a weights file describes its model and data set
+# (widths, channels, classes, data set, class names, image size, normalisation) as JSON.
+CARD_KEY = "dist_resnet"
+
+
+def weights_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def read_card(path: str | Path) -> dict | None:
+    """What a weights file says of its model and data (CARD_KEY), or None for a file written
+    before weights carried it (an MNIST model). Never raises for a file load_model accepts."""
+    try:
+        with safe_open(weights_path(path), framework="pt") as file:
+            text = (file.metadata() or {}).get(CARD_KEY)
+        card = json.loads(text) if text else None
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
 def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -> ResNet:
     """A ResNet with the weights of a model.safetensors file, or of a directory holding one
     (a run's output directory, or a checkpoint). safetensors holds tensors only: loading runs
@@ -119,9 +146,7 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     tensor is read or any weight allocated, so a small hostile file cannot ask for gigabytes;
     weights that are not all finite are refused. widths_ok says which widths are sane to
     build (config.WIDTHS.accepts)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = weights_path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     try:
@@ -132,8 +157,13 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     widths = widths_from_shapes(shapes)
     if not widths or not widths_ok(widths):
         raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
+    # Input channels and classes from the first convolution and the last layer.
+    fc = shapes.get("fc.weight", ())
+    in_channels, classes = shapes["blocks.0.conv1.weight"][1], fc[0] if len(fc) == 2 else 0
+    if not (0 < in_channels <= 4 and 0 < classes <= MAX_CLASSES):
+        raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
     with torch.device("meta"):  # the expected names and shapes, without allocating anything
-        expected = {name: tuple(t.shape) for name, t in ResNet(widths).state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in ResNet(widths, in_channels, classes).state_dict().items()}
     if shapes.keys() != expected.keys():
         raise WeightsError(f"{path}: not the weights of a dist_resnet ResNet")
     wrong = [f"{name} is {list(shapes[name])}, expected {list(shape)}"
@@ -149,7 +179,7 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
             raise WeightsError(f"{path}: {name} is stored as {tensor.dtype}, not as floating-point weights")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"{path}: {name} holds non-finite values (NaN or infinity)")
-    model = ResNet(widths)
+    model = ResNet(widths, in_channels, classes)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # a dtype that cannot be copied into the parameter

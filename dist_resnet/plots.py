@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 
-def plot_confusion_matrix(matrix: np.ndarray) -> bytes:
-    """Counts of (true, predicted) pairs as a heat map with every cell annotated."""
+def plot_confusion_matrix(matrix: np.ndarray, class_names=None) -> bytes:
+    """Counts of (true, predicted) pairs as a heat map with every cell annotated, the axes
+    labelled with the class names (default: the class numbers)."""
     matrix = np.asarray(matrix)
     total = int(matrix.sum())
     correct = int(np.trace(matrix))
@@ -25,8 +26,9 @@ def plot_confusion_matrix(matrix: np.ndarray) -> bytes:
     image = ax.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     classes = range(matrix.shape[0])
-    ax.set_xticks(classes)
-    ax.set_yticks(classes)
+    labels = [str(c) for c in classes] if class_names is None else list(class_names)
+    ax.set_xticks(classes, labels, rotation=90 if max(map(len, labels), default=0) > 2 else 0)
+    ax.set_yticks(classes, labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = f"{correct / total:.2%} ({correct}/{total})" if total else "n/a (no samples)"
@@ -93,14 +95,15 @@ def plot_curves(records: list[dict]) -> bytes:
     return _png(figure)
 
 
-def plot_misclassified(images, labels, predictions, max_images: int = 36) -> bytes:
-    """A grid of the first max_images wrong predictions, each titled "true T / pred P".
+def plot_misclassified(images, labels, predictions, max_images: int = 36, class_names=None) -> bytes:
+    """A grid of the first max_images wrong predictions, each titled "true T / pred P" (class
+    names, where given).
 
-    images: uint8 [N, 1, 28, 28] or [N, 28, 28] (numpy or a torch tensor), white on black.
+    images: anything whose [i] is sample i's uint8 image (numpy or a torch tensor), [H, W]
+    or [1, H, W] grey (white on black), or [H, W, 3] colour; only the images shown are read.
     """
-    images, labels, predictions = (_numpy(x) for x in (images, labels, predictions))
-    if images.ndim == 4:
-        images = images[:, 0]
+    labels, predictions = _numpy(labels), _numpy(predictions)
+    name = (lambda c: str(c)) if class_names is None else (lambda c: str(class_names[c]))
     wrong = np.flatnonzero(labels != predictions)
     shown = wrong[:max_images]
     if len(shown) == 0:
@@ -117,8 +120,9 @@ def plot_misclassified(images, labels, predictions, max_images: int = 36) -> byt
     for ax in axes:
         ax.set_axis_off()
     for ax, i in zip(axes, shown):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true {labels[i]} / pred {predictions[i]}", fontsize=8)
+        image = _numpy(images[i])
+        ax.imshow(image[0] if image.ndim == 3 and image.shape[0] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {name(labels[i])} / pred {name(predictions[i])}", fontsize=8)
     figure.suptitle(f"misclassified: {len(wrong)} of {len(labels)}"
                     + (f" (first {len(shown)} shown)" if len(shown) < len(wrong) else ""))
     return _png(figure)

@@ -1,8 +1,10 @@
-"""Classify digit images with a trained model.
+"""Classify images with a trained model.
 
     python dist_resnet/predict.py --weights runs/NAME IMAGE_OR_DIR [...] [--json] [--top-k K]
 
-Images of any size, dark ink on paper or light on dark, are brought to MNIST's form first.
+The weights file says what the model was trained on. For MNIST, images of any size, dark ink
+on paper or light on dark, are brought to MNIST's form first; for other data sets each image
+is converted to the data set's channels and resized to its image size.
 """
 
 import json
@@ -14,40 +16,85 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli
+from dist_resnet import cli, datasets
 from dist_resnet.config import WIDTHS, Kind, Parser
-from dist_resnet.data import normalize
-from dist_resnet.images import image_files, read_digit
-from dist_resnet.model import NUM_CLASSES, ResNet, WeightsError, load_model
+from dist_resnet.data import MNIST_SPEC, normalize
+from dist_resnet.images import image_files, read_digit, read_resized
+from dist_resnet.model import ResNet, WeightsError, load_model, read_card
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How an image file becomes the model's input: what the weights file says."""
+
+    dataset: str = MNIST_SPEC.name
+    class_names: tuple[str, ...] = MNIST_SPEC.class_names
+    channels: int = MNIST_SPEC.channels
+    size: tuple[int, int] = MNIST_SPEC.size
+    mean: tuple[float, ...] = MNIST_SPEC.mean
+    std: tuple[float, ...] = MNIST_SPEC.std
+
+    @classmethod
+    def of(cls, weights: str | Path, model: ResNet, dataset: str | None) -> "Preparation":
+        """From the weights' metadata (a file without it is an MNIST model, as all were before
+        weights carried it), checked against the model and --dataset."""
+        card = read_card(weights)
+        if card is None:
+            prep = cls()
+        else:
+            try:
+                prep = cls(str(card["dataset"]), tuple(map(str, card["class_names"])), int(card["channels"]),
+                           tuple(map(int, card["image_size"])), tuple(map(float, card["mean"])),
+                           tuple(map(float, card["std"])))
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{weights}: its description of the model is damaged") from None
+        if dataset is not None and dataset != prep.dataset:
+            raise WeightsError(f"{weights} was trained on {prep.dataset}, not --dataset {dataset}")
+        if (model.blocks[0].conv1.in_channels, model.fc.out_features) != (prep.channels, len(prep.class_names)):
+            raise WeightsError(f"{weights}: its description of the model does not fit its weights")
+        return prep
+
+    @property
+    def digits(self) -> bool:
+        return datasets.DATASETS.get(self.dataset) is not None and datasets.DATASETS[self.dataset].preprocess == "digit"
+
+    def read(self, path: Path) -> np.ndarray:
+        if self.digits:
+            return read_digit(path)[None]
+        return read_resized(path, self.channels, self.size)
 
 PROG = "predict.py"
 
 
 @torch.no_grad()
-def predict_files(model: ResNet, paths: list[str | Path]) -> list[dict]:
-    """[{"file", "prediction", "probabilities": [10 floats]}] for each image file, in order.
-    Every image is read before the model runs, so a bad one fails before any output."""
+def predict_files(model: ResNet, paths: list[str | Path], prep: Preparation = Preparation()) -> list[dict]:
+    """[{"file", "prediction", "class", "probabilities": [a float per class]}] for each image
+    file, in order. Every image is read before the model runs, so a bad one fails before any
+    output."""
     if not paths:
         return []
-    digits = np.stack([read_digit(Path(p)) for p in paths])
+    images = np.stack([prep.read(Path(p)) for p in paths])
     model.eval()
-    logits = model(normalize(torch.from_numpy(digits).unsqueeze(1)))
+    logits = model(normalize(torch.from_numpy(images), mean=prep.mean, std=prep.std))
     probabilities = torch.softmax(logits.double(), dim=1)
     if not torch.isfinite(probabilities).all():
         raise WeightsError("the weights give non-finite outputs for these images (NaN or infinity)")
-    return [{"file": str(path), "prediction": int(p.argmax()), "probabilities": p.tolist()}
-            for path, p in zip(paths, probabilities)]
+    return [{"file": str(path), "prediction": int(p.argmax()), "class": prep.class_names[int(p.argmax())],
+             "probabilities": p.tolist()} for path, p in zip(paths, probabilities)]
 
 
-def format_table(results: list[dict], top_k: int) -> str:
-    """One line per file: the predicted digit with its probability, then the top_k runners-up."""
+def format_table(results: list[dict], top_k: int, prep: Preparation = Preparation()) -> str:
+    """One line per file: the predicted class with its probability, then the top_k runners-up."""
+    names = prep.class_names
     width = max(len("file"), *(len(r["file"]) for r in results))
-    lines = [f"{'file':<{width}}  digit  probability" + ("  next most likely" if top_k else "")]
+    heading = "digit" if prep.digits else "class"
+    column = max(len(heading), *(len(n) for n in names))
+    lines = [f"{'file':<{width}}  {heading:>{column}}  probability" + ("  next most likely" if top_k else "")]
     for r in results:
         p = r["probabilities"]
-        ranked = sorted(range(NUM_CLASSES), key=lambda c: -p[c])
-        others = ", ".join(f"{c} ({p[c]:.1%})" for c in ranked[1:top_k + 1])
-        line = f"{r['file']:<{width}}  {r['prediction']:>5}  {p[r['prediction']]:>11.1%}  {others}"
+        ranked = sorted(range(len(names)), key=lambda c: -p[c])
+        others = ", ".join(f"{names[c]} ({p[c]:.1%})" for c in ranked[1:top_k + 1])
+        line = f"{r['file']:<{width}}  {names[r['prediction']]:>{column}}  {p[r['prediction']]:>11.1%}  {others}"
         lines.append(line.rstrip())
     return "\n".join(lines)
 
@@ -56,20 +103,23 @@ def format_table(results: list[dict], top_k: int) -> str:
 class Options:
     inputs: list[str]
     weights: str
+    dataset: str | None
     json: bool
     top_k: int
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
-    parser = Parser(PROG, "Classify images of handwritten digits with a trained model.")
+    parser = Parser(PROG, "Classify images with a trained model (handwritten digits, or what it was trained on).")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="PNG or JPEG files, or directories of them (not recursive)")
     parser.add_argument("--weights", required=True,
                         help="a model.safetensors file, or a run's output directory holding one")
+    parser.add_argument("--dataset", choices=list(datasets.DATASETS),
+                        help="refuse weights trained on another data set (default: what the weights say)")
     parser.add_argument("--json", action="store_true",
-                        help="print a JSON list of {file, prediction, probabilities} instead of a table")
-    parser.add_argument("--top-k", type=Kind(int, lambda v: 0 <= v < NUM_CLASSES, f"a whole number from 0 to {NUM_CLASSES - 1}"),
-                        default=2, metavar="K", help="runners-up shown in the table")
+                        help="print a JSON list of {file, prediction, class, probabilities} instead of a table")
+    parser.add_argument("--top-k", type=Kind(int, lambda v: 0 <= v <= 99, "a whole number from 0 to 99"),
+                        default=2, metavar="K", help="runners-up shown in the table (fewer than the classes)")
     return Options(**vars(parser.parse_args(argv)))
 
 
@@ -77,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.weights, WIDTHS.accepts)
-        results = predict_files(model, image_files(args.inputs))
+        prep = Preparation.of(args.weights if Path(args.weights).is_file() else Path(args.weights) / "model.safetensors",
+                              model, args.dataset)
+        if args.top_k >= len(prep.class_names):
+            raise WeightsError(f"--top-k {args.top_k}: the model has {len(prep.class_names)} classes, "
+                               f"so at most {len(prep.class_names) - 1} runners-up")
+        results = predict_files(model, image_files(args.inputs), prep)
     except cli.USER_ERROR_TYPES as err:  # one line; nothing was printed before it
         return cli.fail(PROG, err)
     if args.json:
         # One file per line: still one valid JSON document, and readable in a terminal.
         text = "[\n" + ",\n".join(json.dumps(r, allow_nan=False) for r in results) + "\n]"
     else:
-        text = format_table(results, args.top_k)
+        text = format_table(results, args.top_k, prep)
     try:
         print(text, flush=True)
     except BrokenPipeError:

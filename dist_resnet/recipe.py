@@ -18,9 +18,7 @@ from accelerate.utils import set_seed
 from dist_resnet import data, distributed
 from dist_resnet.config import Config
 from dist_resnet.metrics import Evaluation, deduplicate
-from dist_resnet.model import NUM_CLASSES, ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
-
-CLASS_NAMES = tuple(str(c) for c in range(NUM_CLASSES))
+from dist_resnet.model import ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
 
 # name -> (optimizer, config, total optimizer steps) -> a scheduler stepped once per
 # optimizer step, or None for a constant learning rate.
@@ -45,25 +43,25 @@ class TooFewImages(Exception):
 class Recipe:
     """One rank's part of training: built on every rank, stepped by every rank in lockstep."""
 
-    def __init__(self, config: Config, accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, config: Config, accelerator: Accelerator, train):
         self.config, self.accelerator = config, accelerator
-        self.images, self.labels = images, labels  # uint8 [N, 1, 28, 28] and int64 [N], on the device
+        self.train, self.spec = train, train.spec  # a data.Resident or data.Streamed training split
         world_size = accelerator.num_processes
         self.per_process_batch = config.batch_size // world_size
-        self.sampler = data.make_sampler(len(labels), world_size, accelerator.process_index,
+        self.sampler = data.make_sampler(len(train), world_size, accelerator.process_index,
                                          shuffle=True, seed=config.seed)
         # A compiled model wants static shapes: the ragged last batch is dropped then.
         self.drop_last = config.compile
         self.steps_per_epoch = (self.sampler.num_samples // self.per_process_batch if self.drop_last
                                 else math.ceil(self.sampler.num_samples / self.per_process_batch))
-        if self.steps_per_epoch == 0 or config.batch_size > len(labels):
-            raise TooFewImages(f"--batch-size {config.batch_size} is larger than the {len(labels)} "
+        if self.steps_per_epoch == 0 or config.batch_size > len(train):
+            raise TooFewImages(f"--batch-size {config.batch_size} is larger than the {len(train)} "
                                "training images: lower --batch-size")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
 
         set_seed(config.seed)  # the initial weights come from the seed, the same on every rank
-        net = ResNet(config.widths)
+        net = ResNet(config.widths, self.spec.channels, len(self.spec.class_names))
         self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
         if self.sync_bn:
             net = convert_sync_bn(net)
@@ -102,20 +100,20 @@ class Recipe:
         """This rank's index batches of one epoch: a new shuffle each epoch, the same on every
         rank, uploaded to the device once."""
         self.sampler.set_epoch(epoch)
-        return data.shard_batches(self.sampler, self.per_process_batch, self.accelerator.device,
+        return data.shard_batches(self.sampler, self.per_process_batch, self.train.index_device,
                                   self.drop_last)
 
     def step(self, index: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the training images at `index`; the loss, still on the device."""
-        return self.step_on(self.images[index], self.labels[index])
+        return self.step_on(*next(self.train.batches([index])))
 
     def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of 0-255 pixels. Nothing in it waits for the device."""
         if self.config.augment:
-            images = data.random_affine(images)
+            images = self.spec.augment(images)
         if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self.forward(data.normalize(images, channels_last=self.config.channels_last))
+        logits = self.forward(self.spec.normalize(images, channels_last=self.config.channels_last))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         self.accelerator.backward(loss)
         self.optimizer.step()
@@ -133,37 +131,44 @@ class Recipe:
         lagging running averages (every rank takes part: SyncBatchNorm all-reduces)."""
         if self.config.bn_recalibrate:
             recalibrate_batchnorm(self.net, [
-                data.normalize(self.images[index], channels_last=self.config.channels_last)
-                for index in batches[:self.config.bn_recalibrate]])
+                self.spec.normalize(images, channels_last=self.config.channels_last)
+                for images, _ in self.train.batches(batches[:self.config.bn_recalibrate])])
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    def evaluate(self, test) -> Evaluation:
         distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics
-        return evaluate(self.net, images, labels, self.accelerator, self.per_process_batch)
+        return evaluate(self.net, test, self.accelerator, self.per_process_batch)
+
+    def card(self) -> dict:
+        """What the weights file says of this model and its data (model.CARD_KEY)."""
+        spec = self.spec
+        return {"widths": list(self.config.widths), "channels": spec.channels, "classes": len(spec.class_names),
+                "dataset": spec.name, "class_names": list(spec.class_names), "image_size": list(spec.size),
+                "mean": list(spec.mean), "std": list(spec.std)}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             accelerator: Accelerator, batch_size: int) -> Evaluation:
-    """Each rank predicts its DistributedSampler shard; all ranks gather everything, and the
-    result equals a single-process evaluation exactly.
+def evaluate(model: torch.nn.Module, test, accelerator: Accelerator, batch_size: int) -> Evaluation:
+    """Each rank predicts its DistributedSampler shard of the test split (a data.Resident or
+    data.Streamed); all ranks gather everything, and the result equals a single-process
+    evaluation exactly.
 
     Pass the unwrapped model: evaluation then runs no collective inside forward, and ranks
     may hold different batch counts. Every rank must call this (the gather is collective).
     """
-    sampler = data.make_sampler(len(labels), accelerator.num_processes, accelerator.process_index,
+    sampler = data.make_sampler(len(test), accelerator.num_processes, accelerator.process_index,
                                 shuffle=False)
     was_training = model.training
     model.eval()
     parts = []
-    for index in data.shard_batches(sampler, batch_size, images.device):
+    index_batches = data.shard_batches(sampler, batch_size, test.index_device)
+    for index, (images, y) in zip(index_batches, test.batches(index_batches)):
         with accelerator.autocast():
-            logits = model(data.normalize(images[index])).float()
-        y = labels[index]
-        parts.append((index, logits.argmax(1), y, F.cross_entropy(logits, y, reduction="none")))
+            logits = model(test.spec.normalize(images)).float()
+        parts.append((index.to(y.device), logits.argmax(1), y, F.cross_entropy(logits, y, reduction="none")))
     model.train(was_training)
     index, predictions, targets, losses = (torch.cat(t) for t in zip(*parts))
     gathered = [accelerator.gather(t).cpu().numpy() for t in (index, predictions, targets, losses)]
-    return deduplicate(*gathered, num_samples=len(labels), class_names=CLASS_NAMES)
+    return deduplicate(*gathered, num_samples=len(test), class_names=test.spec.class_names)
 
 
 class LossWindow:

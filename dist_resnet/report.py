@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dist_resnet import files
 from dist_resnet.config import MissingPackage, require
+from dist_resnet.images import displayable
 from dist_resnet.metrics import MISCLASSIFIED_SHOWN, Evaluation
 
 PLOTS = ("confusion_matrix.png", "curves.png", "misclassified.png")
@@ -22,7 +23,7 @@ class FinalReport:
     text: str  # scikit-learn's classification report
     table: dict  # the same, as output_dict=True gives it
     plots: dict  # plot name (no extension) -> path of its PNG, for those that were written
-    test_images: object  # uint8 [N, 1, 28, 28], on the host
+    test_images: object  # [i] -> test image i, uint8 [C, H, W] on the host
 
 
 def write_report(evaluation: Evaluation, directory: Path) -> tuple[str, dict]:
@@ -70,9 +71,12 @@ class Plots:
             return
         from dist_resnet import plots
 
-        drawings = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(evaluation.confusion()),
+        names = evaluation.class_names
+        shown = {i: displayable(test_images[i]) for i in evaluation.mistakes(MISCLASSIFIED_SHOWN)}
+        drawings = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(evaluation.confusion(), names),
                     "misclassified.png": lambda: plots.plot_misclassified(
-                        test_images, evaluation.labels, evaluation.predictions, max_images=MISCLASSIFIED_SHOWN)}
+                        shown, evaluation.labels, evaluation.predictions, max_images=MISCLASSIFIED_SHOWN,
+                        class_names=names)}
         if records is not None:
             drawings["curves.png"] = lambda: plots.plot_curves(records)
         for name, draw in drawings.items():

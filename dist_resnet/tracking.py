@@ -17,6 +17,7 @@ import numpy as np
 
 from dist_resnet import files
 from dist_resnet.config import Config, require
+from dist_resnet.images import displayable
 from dist_resnet.metrics import MISCLASSIFIED_SHOWN
 
 # Seconds W&B may take to start online before the run falls back to logging offline.
@@ -122,8 +123,9 @@ class WandbTracker:
             "confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=evaluation.labels.tolist(), preds=evaluation.predictions.tolist(),
                 class_names=list(evaluation.class_names)),
-            "misclassified": [wandb.Image(np.asarray(final.test_images[i]).squeeze(),
-                                          caption=f"true {evaluation.labels[i]} / pred {evaluation.predictions[i]}")
+            "misclassified": [wandb.Image(displayable(final.test_images[i]), caption=(
+                                  f"true {evaluation.class_names[evaluation.labels[i]]} / "
+                                  f"pred {evaluation.class_names[evaluation.predictions[i]]}"))
                               for i in evaluation.mistakes(MISCLASSIFIED_SHOWN)],
             **{f"plots/{name}": wandb.Image(str(path)) for name, path in final.plots.items()},
         }, step=step)

@@ -1,4 +1,4 @@
-"""Train the reference ResNet on MNIST: DDP through Accelerate, SyncBatchNorm across GPU
+"""Train the reference ResNet on MNIST (or another data set, --dataset): DDP through Accelerate, SyncBatchNorm across GPU
 processes, DistributedSampler shards, Adam; rank 0 reports and saves. Checkpoints resume a
 run exactly; SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop it.
 
@@ -6,6 +6,8 @@ run exactly; SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop it.
 """
 
 import dataclasses
+import json
+import os
 import signal
 import sys
 import time
@@ -15,16 +17,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dist_resnet import checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
+from dist_resnet import (checkpoint, cli, data, datasets, distributed, files, provenance, recipe, report, rundir,
+                         tracking)
 from dist_resnet.config import Config, ExitCode, parse_config
-from dist_resnet.model import count_parameters
+from dist_resnet.model import CARD_KEY, count_parameters
 
 PROG = "dist_resnet/train.py"
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """The command line, with the schedules and trackers that exist; bad input exits 2."""
-    return parse_config(argv, schedules=recipe.SCHEDULES, trackers=tracking.TRACKERS)
+    """The command line, with the schedules, trackers and data sets that exist; bad input exits 2."""
+    return parse_config(argv, schedules=recipe.SCHEDULES, trackers=tracking.TRACKERS, datasets=datasets.DATASETS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         run.start()
         return train(run)
     except cli.USER_ERROR_TYPES as err:
-        code = cli.fail(PROG, err, show=accelerator.is_main_process)
-        if getattr(err, "agreed", False):  # every rank raised it at the same point
+        agreed = getattr(err, "agreed", False)  # every rank raised it at the same point
+        # An error of one rank alone (an unreadable image it streamed) is said by that rank.
+        code = cli.fail(PROG, err, show=accelerator.is_main_process or not agreed)
+        if agreed:
             distributed.wait_for_all()
         return code
     except KeyboardInterrupt:  # Ctrl-C before training began (in the loop it stops with a checkpoint)
@@ -55,9 +60,9 @@ def train(run: "Run") -> int:
     stop = distributed.StopRequest(announce=run.say)
     with stop.handling():  # till the end: a stop asked for during the report changes nothing
         with run.progress_bar():
-            for index in run.remaining_batches():
-                loss = run.recipe.step(index)  # forward, backward, optimizer step
-                run.count(loss, len(index))  # loss window and progress; logs every --log-every steps
+            for images, labels in run.remaining_batches():
+                loss = run.recipe.step_on(images, labels)  # forward, backward, optimizer step
+                run.count(loss, len(labels))  # loss window and progress; logs every --log-every steps
                 if run.at_epoch_end():
                     run.evaluate_if_due()
                 signum = stop.agreed()  # 0, or the signal any rank received
@@ -96,12 +101,12 @@ class Run:
             config = dataclasses.replace(config, run_name=distributed.broadcast_object(name))
         self.config, self.run_id = config, claim.run_id
 
-        (train_images, train_labels), self.test_set = self.together(self._load_data)
-        self.recipe = self.together(lambda: recipe.Recipe(config, self.accelerator, train_images, train_labels))
+        train_data, self.test_data = self.together(self._load_data)
+        self.recipe = self.together(lambda: recipe.Recipe(config, self.accelerator, train_data))
         meta = self._resume(claim)
         self.step = meta.step if meta else 0
         self.window = recipe.LossWindow(self.accelerator, meta.window if meta else None)
-        self.test_images_host = self.test_set[0].cpu()  # for the plots (no copy on CPU)
+        self.test_images_host = self.test_data.host_images  # for the plots
         self.together(lambda: self._start_logging(claim, meta), main_only=True)
         self._announce(meta)
 
@@ -115,7 +120,11 @@ class Run:
         return rundir.claim(config, self.lock, checkpoint_run_id)
 
     def _load_data(self):
+        """(train, test): the data set's splits as the step reads them, resident on the device
+        or streamed (--data-path)."""
         config, device, accelerator = self.config, self.accelerator.device, self.accelerator
+        dataset = datasets.DATASETS[config.dataset]
+        options = datasets.Options(config.data_dir, config.download, config.image_size)
         # Rank 0 fetches what is missing while the others wait; then each node's first process
         # fetches only if its data directory is not the one rank 0 filled (not shared between
         # nodes); then every process checks. Downloads land under temporary names, so no
@@ -125,15 +134,17 @@ class Run:
         for fetches in fetchers:  # every rank passes both barriers, whatever failed where
             if fetches and error is None:
                 try:
-                    data.ensure_mnist(config.data_dir, download=config.download)
+                    dataset.fetch(options)
                 except data.DataError as err:
                     error = err
             accelerator.wait_for_everyone()
         if error is not None:
             raise error
-        data.ensure_mnist(config.data_dir, download=False)
-        train = [t.to(device) for t in data.load_split(config.data_dir, "train", config.train_limit)]
-        test = [t.to(device) for t in data.load_split(config.data_dir, "test", config.test_limit)]
+        dataset.fetch(dataclasses.replace(options, download=False))
+        bar = lambda total: tqdm(total=total, desc="decoding images", unit="image", leave=False,  # noqa: E731
+                                 disable=not self.is_main)
+        train, test, what = datasets.load(config, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), bar)
+        self.say(what)
         return train, test
 
     def _resume(self, claim: rundir.Claim):
@@ -155,8 +166,8 @@ class Run:
             world_size=self.accelerator.num_processes, per_process_batch=recipe_.per_process_batch,
             sync_bn_active=recipe_.sync_bn, device=self.accelerator.device.type,
             resolved_mixed_precision=self.accelerator.mixed_precision,
-            num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.labels),
-            test_size=len(self.test_set[1]), steps_per_epoch=recipe_.steps_per_epoch,
+            num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.train),
+            test_size=len(self.test_data), steps_per_epoch=recipe_.steps_per_epoch,
             started=claim.continues.facts.started if claim.continues else _now(),
             provenance=provenance.describe(self.accelerator.device.type)))
         # Trackers before the record: one that cannot start leaves the directory as it was,
@@ -196,7 +207,7 @@ class Run:
         per_process = self.recipe.per_process_batch
         self.say(f"{world_size} process(es) on {self.accelerator.device.type}, global batch {config.batch_size} "
                  f"= {world_size} x {per_process} per process, mixed precision "
-                 f"{self.accelerator.mixed_precision}, {len(self.recipe.labels)} training images, "
+                 f"{self.accelerator.mixed_precision}, {len(self.recipe.train)} training images, "
                  f"{config.epochs} epoch(s); outputs in {self.output_dir}")
         if world_size > 1 and not self.recipe.sync_bn:
             reason = ("PyTorch has no SyncBatchNorm on CPU" if self.accelerator.device.type != "cuda"
@@ -217,11 +228,12 @@ class Run:
             yield self.bar
 
     def remaining_batches(self):
-        """Every batch left, epoch after epoch; a resumed run continues at the next batch."""
+        """Every batch left, epoch after epoch, as (images, labels) on the device; a resumed run
+        continues at the next batch (streamed, the batches before it are never read)."""
         first_epoch, skip = divmod(self.step, self.recipe.steps_per_epoch)
         for epoch in range(first_epoch, self.config.epochs):
             self.batches = self.recipe.batches(epoch)
-            yield from self.batches[skip:]
+            yield from self.recipe.train.batches(self.batches[skip:])
             skip = 0
 
     def count(self, loss: torch.Tensor, batch_len: int) -> None:
@@ -242,7 +254,7 @@ class Run:
         if epoch % self.config.eval_every and epoch != self.config.epochs:
             return
         self.recipe.recalibrate(self.batches)
-        self.evaluation, self.evaluated_at = self.recipe.evaluate(*self.test_set), self.step
+        self.evaluation, self.evaluated_at = self.recipe.evaluate(self.test_data), self.step
         self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss)
         if self.is_main:
             self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records())
@@ -277,7 +289,7 @@ class Run:
         weights_error = self.save_weights(raise_error=False) if final else None
         try:
             saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.recipe.state(),
-                                    self.config.keep_checkpoints)
+                                    self.config.keep_checkpoints, model_metadata=self.card())
         except checkpoint.CheckpointWriteError as err:
             if final:
                 err = checkpoint.CheckpointWriteError(
@@ -296,7 +308,7 @@ class Run:
         def write():
             try:
                 files.write_atomic(self.output_dir / "model.safetensors",
-                                   checkpoint.tensor_bytes(self.recipe.net.state_dict()))
+                                   checkpoint.tensor_bytes(self.recipe.net.state_dict(), self.card()))
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
                                          f"({err.strerror or err})") from None
@@ -308,6 +320,11 @@ class Run:
             return str(err)
         self.weights_at = self.step
         return None
+
+    def card(self) -> dict:
+        """The weights' metadata: architecture and data set, so that evaluate.py and predict.py
+        rebuild the model from the file alone."""
+        return {CARD_KEY: json.dumps(self.recipe.card())}
 
     def stopped(self, signum: int) -> int:
         self.bar.close()
@@ -322,7 +339,7 @@ class Run:
         """Final weights first (when resumed from the final checkpoint they were not written
         yet), then the report, plots and trackers from the final evaluation."""
         if self.evaluated_at != self.step:  # resumed from the final checkpoint: nothing was trained
-            self.evaluation = self.recipe.evaluate(*self.test_set)
+            self.evaluation = self.recipe.evaluate(self.test_data)
         if self.weights_at != self.step:
             self.save_weights()
         self.together(self._report, main_only=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import distributed, recipe  # noqa: E402
+from dist_resnet import data, distributed, recipe  # noqa: E402
 from dist_resnet.model import ResNet  # noqa: E402
 
 WIDTHS = (4, 8, 8)
@@ -40,7 +40,8 @@ def fixed_test_set(num_samples: int):
 
 def run_evaluate(args, accelerator) -> None:
     images, labels = fixed_test_set(args.num_samples)
-    result = recipe.evaluate(fixed_model(), images, labels, accelerator, args.batch_size)
+    test = data.Resident(data.ArraySplit(images, labels, data.MNIST_SPEC), accelerator.device)
+    result = recipe.evaluate(fixed_model(), test, accelerator, args.batch_size)
     if accelerator.is_main_process:
         np.savez(args.out, labels=result.labels, predictions=result.predictions, losses=result.losses,
                  world_size=accelerator.num_processes)

@@ -11,15 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist_resnet import recipe, train  # noqa: E402
 
 FAIL_RANK, FAIL_STEP = int(sys.argv[1]), int(sys.argv[2])
-real_step, steps = recipe.Recipe.step, []
+real_step, steps = recipe.Recipe.step_on, []
 
 
-def failing_step(self, index):
+def failing_step(self, images, labels):
     steps.append(1)
     if self.accelerator.process_index == FAIL_RANK and len(steps) == FAIL_STEP:
         raise RuntimeError(f"injected failure on rank {FAIL_RANK} at step {FAIL_STEP}")
-    return real_step(self, index)
+    return real_step(self, images, labels)
 
 
-recipe.Recipe.step = failing_step
+recipe.Recipe.step_on = failing_step
 sys.exit(train.main(sys.argv[3:]))

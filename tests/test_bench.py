@@ -125,7 +125,7 @@ def test_a_config_trains_exactly_what_train_py_trains(small_data, tmp_path, one_
                  env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, describe(result)
 
-    recipe = bench.build(options)
+    recipe, _ = bench.build(options)
     steps = bench.epoch_steps(recipe, notebook=False)(0)
     for step in steps:  # the one epoch train.py trained: 3 steps
         step()
@@ -146,13 +146,13 @@ def test_cuda_graph_steps_are_marked(small_data, one_thread, monkeypatch):
     # fp32: an in-process Accelerator keeps the precision it was first built with.
     options = [*bench.train_options("compiled_cudagraphs", settings_for(small_data), small_data),
                "--mixed-precision", "no"]
-    recipe = bench.build(options)
+    recipe, _ = bench.build(options)
     assert modes == ["reduce-overhead"]
     for index in recipe.batches(0):
         recipe.step(index)
     assert len(marks) == recipe.steps_per_epoch == 3
-    plain = bench.build([*bench.train_options("compiled", settings_for(small_data), small_data),
-                         "--mixed-precision", "no"])
+    plain, _ = bench.build([*bench.train_options("compiled", settings_for(small_data), small_data),
+                            "--mixed-precision", "no"])
     plain.step(plain.batches(0)[0])
     assert len(marks) == 3  # no marks without CUDA graphs
 
@@ -175,11 +175,11 @@ def test_time_to_accuracy_with_the_fast_recipe(small_data, one_thread):
     """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, and
     BatchNorm statistics recomputed before each evaluation (here over the 3 batches there are)."""
     settings = settings_for(small_data, "--time-to-accuracy", "1.0", train=["--recipe", "fast"])
-    recipe = bench.build(bench.train_options("eager_fp32", settings, small_data))
+    recipe, test = bench.build(bench.train_options("eager_fp32", settings, small_data))
     assert recipe.config.epochs == 3  # the fast recipe's own
     assert (recipe.config.schedule, recipe.config.lr, recipe.config.bn_recalibrate) == ("onecycle", 8e-3, 16)
     assert not recipe.config.compile and recipe.config.mixed_precision == "no"  # the config's speed options win
-    result = bench.time_to_accuracy(recipe, bench.epoch_steps(recipe, notebook=False), 1.0)
+    result = bench.time_to_accuracy(recipe, test, bench.epoch_steps(recipe, notebook=False), 1.0)
     assert result["seconds"] is None and len(result["accuracy_per_epoch"]) == 3  # 100% is never reached
     norm = next(m for m in recipe.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norm.num_batches_tracked.item() == 3  # the plain average over the epoch's 3 batches

@@ -21,14 +21,14 @@ def saved(accelerator, mnist_dir, tmp_path):
     config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
                          "--schedule", "onecycle", "--augment", "--data-dir", str(mnist_dir),
                          "--report-to", "none", "--output-dir", str(tmp_path)])
-    images, labels = data.load_split(mnist_dir, "train", 256)
-    recipe, window = Recipe(config, accelerator, images, labels), LossWindow(accelerator)
+    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), data.MNIST_SPEC), "cpu")
+    recipe, window = Recipe(config, accelerator, train), LossWindow(accelerator)
     for step, index in enumerate(recipe.batches(0), 1):
         window.add(recipe.step(index), 64)
         if step % 2 == 0:
             meta = checkpoint.Meta("run", step, 1, "no", config, window.state(step))
             checkpoint.save(accelerator, tmp_path, meta, recipe.state(), keep=2)
-    return config, tmp_path, Recipe(config, accelerator, images, labels)
+    return config, tmp_path, Recipe(config, accelerator, train)
 
 
 def resume(saved, warnings: list):

@@ -134,10 +134,14 @@ def test_predict_files_in_process(weights, digits):
     assert predict_files(load_model(weights), []) == []
 
 
-def test_top_k_out_of_range_is_a_usage_error():
+def test_top_k_out_of_range_is_a_usage_error(weights, digits):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--weights", "w", "x.png", "--top-k", "10"])
+        parse_args(["--weights", "w", "x.png", "--top-k", "100"])
     assert exit_.value.code == 2
+    # As many runners-up as the model has classes, or more: known once the weights are read.
+    _, chosen = digits
+    result = run([sys.executable, REPO / "dist_resnet" / "predict.py", "--weights", weights, chosen[0][1]["grey"], "--top-k", "10"])
+    assert result.returncode == 2 and "--top-k 10: the model has 10 classes" in result.stderr, describe(result)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,40 @@
+"""The package's three floors (README, "How it works"): foundations import nothing of the
+package, services import only foundations, commands tie them together without importing one
+another (cli.py, the commands' shared convention, aside). Read from the source, so a new module
+must be placed on a floor here before it can land."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dist_resnet"
+FOUNDATIONS = {"config", "model", "data", "images", "metrics", "distributed", "files", "plots", "provenance"}
+SERVICES = {"recipe", "checkpoint", "rundir", "tracking", "report", "datasets"}
+COMMANDS = {"cli", "train", "evaluate", "predict", "bench"}
+
+
+def imports_of(module: str) -> set[str]:
+    """The package modules `module` imports, at any depth of its code."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "dist_resnet":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dist_resnet."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("dist_resnet.")}
+    return found - {module}
+
+
+def test_every_module_is_on_a_floor():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == FOUNDATIONS | SERVICES | COMMANDS, "place the new module on a floor in this test"
+
+
+def test_imports_never_run_up_or_sideways():
+    for module in FOUNDATIONS:
+        assert not imports_of(module), f"{module} is a foundation: it imports nothing of the package"
+    for module in SERVICES:
+        assert imports_of(module) <= FOUNDATIONS, f"{module} is a service: it imports only foundations"
+    for module in COMMANDS - {"cli"}:
+        assert not imports_of(module) & (COMMANDS - {"cli"}), f"{module} imports another command"
