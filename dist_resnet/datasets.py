@@ -320,4 +320,6 @@ def load(config: Config, device, local_processes: int = 1, progress=None):
 def default_workers(local_processes: int) -> int:
     """Streaming loader processes per rank: the cores each rank has, less the one it trains
     on, at most 8."""
-    return max(0, min(8, len(os.sched_getaffinity(0)) // max(1, local_processes) - 1))
+    # The cores this process may run on (macOS has no affinity: all of them).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, local_processes) - 1))
