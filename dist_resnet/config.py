@@ -48,6 +48,7 @@ FAST_RECIPE = {"batch_size": 512, "epochs": 3, "lr": 8e-3, "schedule": "onecycle
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_WIDTH, MAX_BLOCKS = 4096, 16
 
@@ -65,8 +66,12 @@ class Config:
     # optimisation
     epochs: int = 60
     batch_size: int = 2048  # global batch, split evenly over the processes
-    lr: float = 1e-3  # Adam learning rate (the peak, with --schedule onecycle)
+    lr: float = 1e-3  # learning rate (the peak, with --schedule onecycle or cosine)
     schedule: str = "constant"  # a name from recipe.SCHEDULES
+    optimizer: str = "adam"  # adam|adamw (decoupled weight decay)|sgd (Nesterov momentum)
+    weight_decay: float = 0.0  # AdamW's decoupled decay; an L2 penalty with adam and sgd
+    momentum: float = 0.9  # SGD's Nesterov momentum
+    warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -103,8 +108,11 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict, source: str) -> "Config":
         """The Config a run record holds, checked as strictly as the command line: a missing,
-        unknown, mistyped or out-of-range value raises ValueError naming it."""
-        config = from_values(cls, values, source)
+        unknown, mistyped or out-of-range value raises ValueError naming it. Options added
+        after a record was written are absent from it: they take their defaults, which are
+        what such a run did."""
+        added = {name: getattr(cls(), name) for name in ADDED_OPTIONS if name not in values}
+        config = from_values(cls, {**values, **added}, source)
         for name, kind in KINDS.items():
             value = getattr(config, name)
             if value is not None and not kind.accepts(value):
@@ -114,6 +122,11 @@ class Config:
             if value is not None and value not in allowed:
                 raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
         return config
+
+
+# Options newer than the first run records (config.json, a checkpoint's meta.json); their
+# defaults reproduce what the suite did before they existed.
+ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps")
 
 
 def from_values(cls, values: dict, source: str):
@@ -132,7 +145,8 @@ def from_values(cls, values: dict, source: str):
 # Options that decide what is trained: a resumed run must use the same values (README,
 # "Checkpoints and resume"). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
-                        "augment", "seed", "train_limit", "compile", "sync_bn")
+                        "augment", "seed", "train_limit", "compile", "sync_bn",
+                        "optimizer", "weight_decay", "momentum", "warmup_steps")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -220,6 +234,11 @@ def _read_widths(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
 
+NON_NEGATIVE_NUMBER = Kind(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+# A count of steps, or a fraction of all steps when below 1.
+STEPS_OR_FRACTION = Kind(float, lambda v: 0 <= v < 2**31 and (v < 1 or v == int(v)),
+                         "a whole number of steps >= 0, or a fraction in (0, 1) of all steps")
+OPEN_FRACTION = Kind(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
 NON_NEGATIVE = Kind(int, lambda v: 0 <= v <= 2**31 - 1, "a whole number >= 0")
 FRACTION = Kind(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 SEED = Kind(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
@@ -235,10 +254,11 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
-         "run_name": NAME, "output_dir": PATH, "data_dir": PATH}
+         "run_name": NAME, "output_dir": PATH, "data_dir": PATH,
+         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
-           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES}
+           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS}
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -300,10 +320,19 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--batch-size", type=KINDS["batch_size"], default=None,
                    help=f"global batch size, split evenly over the processes (default {defaults.batch_size})")
     p.add_argument("--lr", type=KINDS["lr"], default=None,
-                   help=f"Adam learning rate, the peak with --schedule onecycle (default {defaults.lr})")
+                   help=f"learning rate, the peak with --schedule onecycle or cosine (default {defaults.lr})")
     p.add_argument("--schedule", choices=schedules, default=None,
                    help=f"learning-rate schedule (default {defaults.schedule})")
     p.add_argument("--label-smoothing", type=FRACTION, default=None, help="default 0")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                   help="adamw: decoupled --weight-decay; sgd: Nesterov --momentum")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=defaults.weight_decay,
+                   help="AdamW's decoupled weight decay (an L2 penalty with adam and sgd)")
+    p.add_argument("--momentum", type=OPEN_FRACTION, default=defaults.momentum,
+                   help="SGD's Nesterov momentum (--optimizer sgd only)")
+    p.add_argument("--warmup-steps", type=STEPS_OR_FRACTION, default=defaults.warmup_steps, metavar="N|FRACTION",
+                   help="linear learning-rate warmup over N optimizer steps, or over this fraction (< 1) "
+                   "of all steps, before --schedule constant or cosine")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")
@@ -376,6 +405,10 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
     if config.resume and config.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite replaces it: "
                      "choose one")
+    if config.warmup_steps and config.schedule == "onecycle":
+        parser.error("--schedule onecycle warms up by itself: drop --warmup-steps, or use --schedule cosine")
+    if config.momentum != defaults.momentum and config.optimizer != "sgd":
+        parser.error(f"--momentum is SGD's: add --optimizer sgd (now {config.optimizer})")
     mode = os.environ.get("WANDB_MODE")
     if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
         parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")

@@ -22,13 +22,65 @@ from dist_resnet.model import NUM_CLASSES, ResNet, convert_sync_bn, recalibrate_
 
 CLASS_NAMES = tuple(str(c) for c in range(NUM_CLASSES))
 
+
+
+class Warmup:
+    """The learning-rate factor of optimizer step t + 1 (t = 0 .. total - 1; LambdaLR's
+    last_epoch is t): a linear warmup (t + 1) / (warmup + 1) for t < warmup, reaching 1 at
+    t = warmup, then 1 (constant) or the cosine 0.5 * (1 + cos(pi * (t - warmup) / (total - warmup))).
+    A callable object rather than a lambda: LambdaLR saves its attributes in the scheduler's
+    state, so that resume sees (and refuses) a schedule of another length or warmup."""
+
+    def __init__(self, warmup: int, total: int, cosine: bool):
+        self.warmup, self.total, self.cosine = warmup, total, cosine
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup:
+            return (t + 1) / (self.warmup + 1)
+        if not self.cosine:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (t - self.warmup) / (self.total - self.warmup)))
+
+
+def warmup_steps(config: Config, total_steps: int) -> int:
+    """--warmup-steps as a count: N steps, or a fraction (< 1) of all steps."""
+    value = config.warmup_steps
+    steps = round(value * total_steps) if value < 1 else int(value)
+    if steps >= total_steps:
+        raise RecipeError(f"--warmup-steps {value:g} is {steps} steps, not fewer than the run's "
+                          f"{total_steps}: lower it")
+    return steps
+
+
+def _warmup_then(cosine: bool):
+    def make(optimizer, config: Config, total_steps: int):
+        warmup = warmup_steps(config, total_steps)
+        if warmup == 0 and not cosine:
+            return None  # a constant learning rate needs no scheduler (and the default run has none)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, Warmup(warmup, total_steps, cosine))
+    return make
+
+
 # name -> (optimizer, config, total optimizer steps) -> a scheduler stepped once per
 # optimizer step, or None for a constant learning rate.
 SCHEDULES: dict[str, Callable] = {
-    "constant": lambda optimizer, config, total_steps: None,
+    "constant": _warmup_then(cosine=False),
     "onecycle": lambda optimizer, config, total_steps: torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps),
+    "cosine": _warmup_then(cosine=True),
 }
+
+
+def make_optimizer(parameters, config: Config, on_gpu: bool) -> torch.optim.Optimizer:
+    """--optimizer. Fused kernels (one for all parameters instead of several per tensor) on CUDA."""
+    if config.optimizer == "adamw":  # its own default decay is 0.01: ours is what was asked for
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=on_gpu)
+    # Passed only when asked for: the default run's optimizer state stays what it was (an int 0).
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
+                               fused=on_gpu, **decay)
+    return torch.optim.Adam(parameters, lr=config.lr, fused=on_gpu, **decay)
 
 
 class NonFiniteLoss(Exception):
@@ -40,6 +92,10 @@ class NonFiniteLoss(Exception):
 
 class TooFewImages(Exception):
     """The global batch does not fit in the training set."""
+
+
+class RecipeError(Exception):
+    """Options that cannot make a run of this length (a warmup as long as the run)."""
 
 
 class Recipe:
@@ -71,8 +127,7 @@ class Recipe:
             net = net.to(memory_format=torch.channels_last)
         on_gpu = accelerator.device.type == "cuda"
         torch.backends.cudnn.benchmark = on_gpu  # the shapes are fixed: pick the fastest kernels once
-        # Fused Adam: one kernel for all parameters instead of several per tensor (CUDA only).
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=on_gpu)
+        optimizer = make_optimizer(net.parameters(), config, on_gpu)
         # The schedule steps once per optimizer step, so it is not handed to accelerate.prepare
         # (whose wrapper steps it once per process).
         self.scheduler = SCHEDULES[config.schedule](optimizer, config, self.total_steps)

@@ -1,0 +1,146 @@
+"""The training toolkit, driven in process on a small recipe: optimizers, schedules with
+warmup, gradient clipping, accumulation and weight EMA, each checked against what it is
+defined to compute, and resumed from real checkpoints on disk."""
+
+import math
+
+import pytest
+import torch
+
+from dist_resnet import checkpoint, data
+from dist_resnet.config import Config
+from dist_resnet.recipe import LossWindow, Recipe
+from dist_resnet.train import parse_args
+
+# 256 images, batch 64: 4 steps an epoch.
+SMALL = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--report-to", "none"]
+
+
+def make_recipe(accelerator, mnist_dir, *args) -> Recipe:
+    config = parse_args([*SMALL, "--data-dir", str(mnist_dir), *map(str, args)])
+    images, labels = data.load_split(mnist_dir, "train", config.train_limit)
+    return Recipe(config, accelerator, images, labels)
+
+
+def train_steps(recipe: Recipe, first: int, last: int, on_step=None) -> list[float]:
+    """Optimizer steps first+1 .. last of the run (as train.py orders them); the learning rate
+    each step used."""
+    lrs = []
+    for step in range(first, last):
+        epoch, position = divmod(step, recipe.steps_per_epoch)
+        lrs.append(recipe.lr)
+        recipe.step(recipe.batches(epoch)[position])
+        if on_step:
+            on_step(step + 1)
+    return lrs
+
+
+def save(recipe: Recipe, out, step: int) -> None:
+    window = LossWindow(recipe.accelerator)
+    window.add(torch.tensor(0.0), 1)
+    meta = checkpoint.Meta("run", step, 1, "no", recipe.config, window.state(step))
+    checkpoint.save(recipe.accelerator, out, meta, recipe.state(), keep=10)
+
+
+def resume(recipe: Recipe, out, step: int) -> checkpoint.Meta:
+    path = checkpoint.checkpoint_dir(out) / f"step-{step:08d}"
+    return checkpoint.resume(recipe.accelerator, [path], recipe.state(), recipe.config, recipe.total_steps,
+                             warn=pytest.fail)
+
+
+def assert_same_state(a: Recipe, b: Recipe) -> None:
+    for name, value in a.net.state_dict().items():
+        assert torch.equal(value, b.net.state_dict()[name]), name
+
+
+# ---- optimizers and schedules -------------------------------------------------------------
+
+def expected_lr(peak: float, t: int, warmup: int, total: int, cosine: bool) -> float:
+    """The schedule's definition (README, "Training options"), written out independently."""
+    if t < warmup:
+        return peak * (t + 1) / (warmup + 1)
+    if not cosine:
+        return peak
+    return peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("schedule, warmup_option, warmup", [("cosine", "3", 3), ("cosine", "0", 0),
+                                                              ("cosine", "0.25", 3), ("constant", "5", 5)])
+def test_schedule_lr_follows_its_formula_at_every_step_and_after_resume(
+        accelerator, mnist_dir, tmp_path, schedule, warmup_option, warmup):
+    """3 epochs of 4 steps: the learning rate of every step is the formula's, in one run and
+    in a run resumed from a checkpoint inside the warmup and one after it."""
+    args = ["--epochs", 3, "--lr", "0.01", "--schedule", schedule, "--warmup-steps", warmup_option]
+    whole = make_recipe(accelerator, mnist_dir, *args)
+    total = whole.total_steps
+    assert total == 12
+    lrs = train_steps(whole, 0, total, on_step=lambda step: step in (2, 7) and save(whole, tmp_path, step))
+    expected = [expected_lr(0.01, t, warmup, total, schedule == "cosine") for t in range(total)]
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    for step in (2, 7):
+        resumed = make_recipe(accelerator, mnist_dir, *args)
+        assert resume(resumed, tmp_path, step).step == step
+        assert train_steps(resumed, step, total) == lrs[step:]
+        assert_same_state(resumed, whole)
+
+
+def test_the_schedule_of_another_warmup_is_refused(accelerator, mnist_dir, tmp_path):
+    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 2, "--schedule", "cosine", "--warmup-steps", 3)
+    train_steps(recipe, 0, 2)
+    save(recipe, tmp_path, 2)
+    path = checkpoint.checkpoint_dir(tmp_path) / "step-00000002"
+    meta = checkpoint.Meta.read(path)
+    # The same options, but the warmup read from another record: the state must disagree.
+    other = make_recipe(accelerator, mnist_dir, "--epochs", 2, "--schedule", "cosine", "--warmup-steps", 4)
+    other.config = meta.config  # the options check passes; the schedule's own state must not
+    with pytest.raises(checkpoint.CheckpointError, match="schedule's state is not this run's|optimizer's settings"):
+        checkpoint.resume(accelerator, [path], other.state(), meta.config, other.total_steps, warn=lambda m: None)
+
+
+@pytest.mark.parametrize("args, kind, settings", [
+    ([], torch.optim.Adam, {"weight_decay": 0}),
+    (["--optimizer", "adamw", "--weight-decay", "0.05"], torch.optim.AdamW, {"weight_decay": 0.05}),
+    (["--optimizer", "sgd", "--momentum", "0.8"], torch.optim.SGD, {"momentum": 0.8, "nesterov": True}),
+])
+def test_optimizers_are_built_as_asked_and_resume_bitwise(accelerator, mnist_dir, tmp_path, args, kind, settings):
+    whole = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--lr", "0.01", *args)
+    group = whole.optimizer.optimizer.param_groups[0]
+    assert isinstance(whole.optimizer.optimizer, kind)
+    assert {k: group[k] for k in settings} == settings
+    train_steps(whole, 0, 4, on_step=lambda step: step == 2 and save(whole, tmp_path, step))
+    resumed = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--lr", "0.01", *args)
+    resume(resumed, tmp_path, 2)
+    train_steps(resumed, 2, 4)
+    assert_same_state(resumed, whole)
+
+
+def test_a_record_written_before_the_new_options_reads_as_their_defaults():
+    values = Config().to_dict()
+    for name in ("optimizer", "weight_decay", "momentum", "warmup_steps"):
+        del values[name]
+    assert Config.from_dict(values, "old config.json") == Config()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--optimizer", "lamb"], "--optimizer"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--momentum", "1"], "--momentum"),
+    (["--momentum", "0.5"], "--momentum is SGD's"),
+    (["--warmup-steps", "1.5"], "--warmup-steps"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--schedule", "onecycle", "--warmup-steps", "10"], "onecycle warms up by itself"),
+])
+def test_bad_toolkit_options_are_one_line_and_exit_2(argv, fragment, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("dist_resnet/train.py: error: ") and fragment in err, err
+
+
+def test_a_warmup_as_long_as_the_run_is_a_user_error(accelerator, mnist_dir):
+    from dist_resnet.recipe import RecipeError
+    with pytest.raises(RecipeError, match="--warmup-steps 4 is 4 steps"):
+        make_recipe(accelerator, mnist_dir, "--epochs", 1, "--schedule", "cosine", "--warmup-steps", 4)
