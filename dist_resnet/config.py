@@ -72,6 +72,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW's decoupled decay; an L2 penalty with adam and sgd
     momentum: float = 0.9  # SGD's Nesterov momentum
     warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
+    clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -126,7 +127,7 @@ class Config:
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
-ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps")
+ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad")
 
 
 def from_values(cls, values: dict, source: str):
@@ -146,7 +147,7 @@ def from_values(cls, values: dict, source: str):
 # "Checkpoints and resume"). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "compile", "sync_bn",
-                        "optimizer", "weight_decay", "momentum", "warmup_steps")
+                        "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -255,7 +256,8 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH,
-         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION}
+         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
+         "clip_grad": positive(float)}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
            "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS}
@@ -333,6 +335,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--warmup-steps", type=STEPS_OR_FRACTION, default=defaults.warmup_steps, metavar="N|FRACTION",
                    help="linear learning-rate warmup over N optimizer steps, or over this fraction (< 1) "
                    "of all steps, before --schedule constant or cosine")
+    p.add_argument("--clip-grad", type=KINDS["clip_grad"], default=None, metavar="NORM",
+                   help="clip the gradients' total 2-norm to NORM (after fp16 unscaling); the norm "
+                   "before clipping is logged as grad_norm at each loss report (default: no clipping)")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")

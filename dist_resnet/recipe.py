@@ -117,6 +117,7 @@ class Recipe:
                                "training images: lower --batch-size")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (--clip-grad)
 
         set_seed(config.seed)  # the initial weights come from the seed, the same on every rank
         net = ResNet(config.widths)
@@ -173,6 +174,8 @@ class Recipe:
         logits = self.forward(data.normalize(images, channels_last=self.config.channels_last))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         self.accelerator.backward(loss)
+        if self.config.clip_grad:  # unscales fp16 gradients first; the norm stays on the device
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

@@ -230,8 +230,10 @@ class Run:
         self.bar.update()
         if self.step % self.config.log_every == 0 or self.at_epoch_end():  # the loop's one device sync
             train_loss, images_per_s = self.window.collect(self.step)
+            # This step's norm before clipping: the same on every rank (gradients are all-reduced).
+            clipping = {} if self.recipe.grad_norm is None else {"grad_norm": self.recipe.grad_norm.item()}
             self.log("train", self.step / self.recipe.steps_per_epoch, train_loss=train_loss,
-                     lr=self.recipe.lr, images_per_s=images_per_s)
+                     lr=self.recipe.lr, images_per_s=images_per_s, **clipping)
             self.bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
 
     def at_epoch_end(self) -> bool:

@@ -144,3 +144,31 @@ def test_a_warmup_as_long_as_the_run_is_a_user_error(accelerator, mnist_dir):
     from dist_resnet.recipe import RecipeError
     with pytest.raises(RecipeError, match="--warmup-steps 4 is 4 steps"):
         make_recipe(accelerator, mnist_dir, "--epochs", 1, "--schedule", "cosine", "--warmup-steps", 4)
+
+
+# ---- gradient clipping --------------------------------------------------------------------
+
+def gradients_at_step(recipe: Recipe) -> list[torch.Tensor]:
+    """The gradients the first optimizer step applies (seen by a hook just before it)."""
+    seen = []
+    recipe.optimizer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.extend(p.grad.clone() for g in optimizer.param_groups
+                                                    for p in g["params"]))
+    recipe.step(recipe.batches(0)[0])
+    return seen
+
+
+def test_clipping_scales_the_gradients_to_the_bound_and_reports_the_norm_before(accelerator, mnist_dir):
+    free = gradients_at_step(make_recipe(accelerator, mnist_dir, "--epochs", 1))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free]))
+    bound = float(norm) / 4
+    clipped_recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--clip-grad", bound)
+    clipped = gradients_at_step(clipped_recipe)
+    torch.testing.assert_close(clipped_recipe.grad_norm, norm)  # reported: the norm before clipping
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+    torch.testing.assert_close(after, torch.tensor(bound), rtol=1e-5, atol=0)
+    for free_grad, clipped_grad in zip(free, clipped, strict=True):
+        torch.testing.assert_close(clipped_grad, free_grad * (bound / (float(norm) + 1e-6)), rtol=1e-5, atol=1e-9)
+    loose = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--clip-grad", float(norm) * 2)
+    for free_grad, loose_grad in zip(free, gradients_at_step(loose), strict=True):
+        assert torch.equal(free_grad, loose_grad)  # under the bound: untouched
