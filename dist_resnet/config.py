@@ -73,6 +73,7 @@ class Config:
     momentum: float = 0.9  # SGD's Nesterov momentum
     warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
     clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
+    accumulate: int = 1  # micro-batches per process and optimizer step (gradient accumulation)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -127,7 +128,7 @@ class Config:
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
-ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad")
+ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate")
 
 
 def from_values(cls, values: dict, source: str):
@@ -147,7 +148,8 @@ def from_values(cls, values: dict, source: str):
 # "Checkpoints and resume"). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "compile", "sync_bn",
-                        "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad")
+                        "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
+                        "accumulate")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -257,7 +259,7 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH,
          "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
-         "clip_grad": positive(float)}
+         "clip_grad": positive(float), "accumulate": positive(int)}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
            "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS}
@@ -338,6 +340,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--clip-grad", type=KINDS["clip_grad"], default=None, metavar="NORM",
                    help="clip the gradients' total 2-norm to NORM (after fp16 unscaling); the norm "
                    "before clipping is logged as grad_norm at each loss report (default: no clipping)")
+    p.add_argument("--accumulate", type=KINDS["accumulate"], default=defaults.accumulate, metavar="N",
+                   help="split each process's share of the batch into N micro-batches, their gradients "
+                   "added up and all-reduced once: the same --batch-size in less memory")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")
@@ -424,4 +429,8 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
             f"--batch-size {config.batch_size} must be a multiple of the {world_size} processes "
             "(it is the global batch, split evenly over them)"
         )
+    per_process_batch = config.batch_size // world_size
+    if per_process_batch % config.accumulate:
+        parser.error(f"--accumulate {config.accumulate} must divide each process's share of the batch, "
+                     f"{per_process_batch} (--batch-size {config.batch_size} over {world_size} process(es))")
     return config

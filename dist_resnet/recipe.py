@@ -9,6 +9,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -166,20 +167,37 @@ class Recipe:
         return self.step_on(self.images[index], self.labels[index])
 
     def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch of 0-255 pixels. Nothing in it waits for the device."""
-        if self.config.augment:
-            images = data.random_affine(images)
-        if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = self.forward(data.normalize(images, channels_last=self.config.channels_last))
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
-        self.accelerator.backward(loss)
+        """One optimizer step on a batch of 0-255 pixels, its forward and backward in
+        --accumulate micro-batches; DDP all-reduces the gradients in the last one only. Nothing
+        in it waits for the device. The loss (the batch's mean) stays on the device."""
+        parts = [(x, y) for x, y in zip(images.tensor_split(self.config.accumulate),
+                                        labels.tensor_split(self.config.accumulate)) if len(y)]
+        loss = None
+        for number, (part_images, part_labels) in enumerate(parts, 1):
+            with nullcontext() if number == len(parts) else self.accelerator.no_sync(self.model):
+                part_loss = self.backward_on(part_images, part_labels, share=len(part_labels) / len(labels))
+            loss = part_loss if loss is None else loss + part_loss
         if self.config.clip_grad:  # unscales fp16 gradients first; the norm stays on the device
             self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float) -> torch.Tensor:
+        """Forward and backward of a micro-batch that is `share` of the step's batch (all of
+        it, 1, without --accumulate): its loss is weighted by its share, so the gradients add
+        up to the batch's. Returns the weighted loss, detached."""
+        if self.config.augment:
+            images = data.random_affine(images)
+        if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.forward(data.normalize(images, channels_last=self.config.channels_last))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        if share != 1:
+            loss = loss * share
+        self.accelerator.backward(loss)
         return loss.detach()
 
     @property

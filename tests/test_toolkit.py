@@ -3,6 +3,7 @@ warmup, gradient clipping, accumulation and weight EMA, each checked against wha
 defined to compute, and resumed from real checkpoints on disk."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,49 @@ def test_clipping_scales_the_gradients_to_the_bound_and_reports_the_norm_before(
     loose = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--clip-grad", float(norm) * 2)
     for free_grad, loose_grad in zip(free, gradients_at_step(loose), strict=True):
         assert torch.equal(free_grad, loose_grad)  # under the bound: untouched
+
+
+# ---- gradient accumulation ------------------------------------------------------------------
+
+def test_accumulated_step_has_the_gradients_of_the_whole_batch(accelerator, mnist_dir):
+    """With BatchNorm in eval mode (statistics not from the batch), 4 micro-batches of 16 give
+    the gradients of one batch of 64; the reported loss is the batch's mean."""
+    steps = {}
+    for accumulate in (1, 4):
+        recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--accumulate", accumulate)
+        recipe.net.eval()
+        losses = []
+        original = recipe.step_on
+        recipe.step_on = lambda x, y: losses.append(original(x, y)) or losses[-1]
+        steps[accumulate] = gradients_at_step(recipe), losses[0]
+    for whole, parts in zip(steps[1][0], steps[4][0], strict=True):
+        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(steps[4][1], steps[1][1])
+
+
+def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_path):
+    """A real 2-process group: DDP's all-reduce runs in the last micro-batch only (as often as
+    without accumulation), and the gradients are the unaccumulated step's."""
+    from safetensors import safe_open
+
+    from conftest import describe, torchrun
+    out = tmp_path / "grads.safetensors"
+    result = torchrun(2, Path(__file__).with_name("toolkit_worker.py"), "accumulate", out, mnist_dir,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+    with safe_open(out, framework="pt") as file:
+        meta, tensors = file.metadata(), {k: file.get_tensor(k) for k in file.keys()}
+    assert meta["world_size"] == "2"
+    assert int(meta["parts_reduces"]) == int(meta["whole_reduces"]) > 0
+    count = len(tensors) // 2
+    for i in range(count):
+        torch.testing.assert_close(tensors[f"parts.{i}"], tensors[f"whole.{i}"], rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--batch-size", "64", "--accumulate", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--accumulate 3 must divide each process's share of the batch, 32" in err
