@@ -74,6 +74,7 @@ class Config:
     warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
     clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
     accumulate: int = 1  # micro-batches per process and optimizer step (gradient accumulation)
+    ema: float | None = None  # decay of an exponential moving average of the weights (ema.py)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -128,7 +129,7 @@ class Config:
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
-ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate")
+ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema")
 
 
 def from_values(cls, values: dict, source: str):
@@ -149,7 +150,7 @@ def from_values(cls, values: dict, source: str):
 MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "compile", "sync_bn",
                         "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
-                        "accumulate")
+                        "accumulate", "ema")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -259,7 +260,8 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH,
          "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
-         "clip_grad": positive(float), "accumulate": positive(int)}
+         "clip_grad": positive(float), "accumulate": positive(int),
+         "ema": OPEN_FRACTION}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
            "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS}
@@ -343,6 +345,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--accumulate", type=KINDS["accumulate"], default=defaults.accumulate, metavar="N",
                    help="split each process's share of the batch into N micro-batches, their gradients "
                    "added up and all-reduced once: the same --batch-size in less memory")
+    p.add_argument("--ema", type=KINDS["ema"], default=None, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights and BatchNorm buffers "
+                   "(for example 0.999), evaluated and saved as model-ema.safetensors (default: none)")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from dist_resnet import data, distributed
 from dist_resnet.config import Config
+from dist_resnet.ema import WeightEMA
 from dist_resnet.metrics import Evaluation, deduplicate
 from dist_resnet.model import NUM_CLASSES, ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
 
@@ -139,13 +140,14 @@ class Recipe:
         # unwrap_model (keep_torch_compile=True) re-points a compiled module's _orig_mod at the
         # model inside DDP, and the steps after that would silently skip the gradient all-reduce.
         self.forward = torch.compile(self.model, mode=config.compile_mode) if config.compile else self.model
+        self.ema = WeightEMA(self.net, config.ema) if config.ema else None
         self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
 
     def state(self) -> dict:
         """Everything a checkpoint restores besides the random generators: name -> an object
         with state_dict() and load_state_dict()."""
         parts = {"model": self.net, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "scaler": self.accelerator.scaler}
+                 "scaler": self.accelerator.scaler, "ema": self.ema}
         return {name: part for name, part in parts.items() if part is not None}
 
     def restart(self) -> None:
@@ -180,6 +182,8 @@ class Recipe:
         if self.config.clip_grad:  # unscales fp16 gradients first; the norm stays on the device
             self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -215,6 +219,12 @@ class Recipe:
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
         distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics
         return evaluate(self.net, images, labels, self.accelerator, self.per_process_batch)
+
+    def evaluate_ema(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+        """The weight average's evaluation (--ema). Its parameters are the same on every rank;
+        its BatchNorm buffers average each rank's own, so rank 0's are used, as for the model."""
+        distributed.broadcast_buffers(self.ema.model)
+        return evaluate(self.ema.model, images, labels, self.accelerator, self.per_process_batch)
 
 
 @torch.no_grad()

@@ -25,9 +25,11 @@ class FinalReport:
     test_images: object  # uint8 [N, 1, 28, 28], on the host
 
 
-def write_report(evaluation: Evaluation, directory: Path) -> tuple[str, dict]:
-    """classification_report.txt and .json (scikit-learn's output_dict form) in directory."""
+def write_report(evaluation: Evaluation, directory: Path, title: str | None = None) -> tuple[str, dict]:
+    """classification_report.txt and .json (scikit-learn's output_dict form) in directory; the
+    text starts with title, where given (which weights it describes)."""
     text, table = evaluation.report()
+    text = text if title is None else f"{title}\n\n{text}"
     files.write_atomic(Path(directory) / "classification_report.txt", text)
     files.write_atomic(Path(directory) / "classification_report.json", json.dumps(table, indent=2))
     return text, table

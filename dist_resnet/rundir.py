@@ -30,7 +30,7 @@ RECORD = "config.json"
 # what marks a directory as a run's, and what --overwrite deletes.
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
-             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval")
+             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors")
 
 
 class RunDirError(Exception):

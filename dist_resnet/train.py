@@ -20,6 +20,7 @@ from dist_resnet.config import Config, ExitCode, parse_config
 from dist_resnet.model import count_parameters
 
 PROG = "dist_resnet/train.py"
+EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -77,6 +78,7 @@ class Run:
         self.is_main = accelerator.is_main_process
         self.lock = self.trackers = self.plots = self.bar = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
+        self.ema_evaluation = None
         self.metrics_failed = False
 
     # ---- start ----------------------------------------------------------------------------
@@ -245,12 +247,25 @@ class Run:
             return
         self.recipe.recalibrate(self.batches)
         self.evaluation, self.evaluated_at = self.recipe.evaluate(*self.test_set), self.step
-        self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss)
+        self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss,
+                 **self.evaluate_ema())
         if self.is_main:
             self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records())
             self.say(f"epoch {epoch}/{self.config.epochs}: test accuracy {self.evaluation.accuracy:.4f}, "
-                     f"loss {self.evaluation.loss:.4f}")
+                     f"loss {self.evaluation.loss:.4f}" + self.ema_summary())
         self.window.restart_clock()  # evaluation time is not training throughput
+
+    def evaluate_ema(self) -> dict:
+        """--ema: the weight average's evaluation, as metrics beside the model's."""
+        if self.recipe.ema is None:
+            return {}
+        self.ema_evaluation = self.recipe.evaluate_ema(*self.test_set)
+        return {"test_acc_ema": self.ema_evaluation.accuracy, "test_loss_ema": self.ema_evaluation.loss}
+
+    def ema_summary(self) -> str:
+        if self.recipe.ema is None:
+            return ""
+        return f"; EMA weights: accuracy {self.ema_evaluation.accuracy:.4f}, loss {self.ema_evaluation.loss:.4f}"
 
     def log(self, event: str, epoch: float, **values) -> None:
         if self.is_main:
@@ -299,6 +314,9 @@ class Run:
             try:
                 files.write_atomic(self.output_dir / "model.safetensors",
                                    checkpoint.tensor_bytes(self.recipe.net.state_dict()))
+                if self.recipe.ema is not None:
+                    files.write_atomic(self.output_dir / EMA_WEIGHTS,
+                                       checkpoint.tensor_bytes(self.recipe.ema.model.state_dict()))
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
                                          f"({err.strerror or err})") from None
@@ -325,6 +343,7 @@ class Run:
         yet), then the report, plots and trackers from the final evaluation."""
         if self.evaluated_at != self.step:  # resumed from the final checkpoint: nothing was trained
             self.evaluation = self.recipe.evaluate(*self.test_set)
+            self.evaluate_ema()
         if self.weights_at != self.step:
             self.save_weights()
         self.together(self._report, main_only=True)
@@ -334,7 +353,11 @@ class Run:
 
     def _report(self) -> None:
         try:
-            text, table = report.write_report(self.evaluation, self.output_dir)
+            # With --ema two sets of weights exist: the report names the one it describes.
+            title = None if self.recipe.ema is None else (
+                "Weights: model.safetensors (the raw weights; the EMA weights, " + EMA_WEIGHTS
+                + f", reach accuracy {self.ema_evaluation.accuracy:.4f})")
+            text, table = report.write_report(self.evaluation, self.output_dir, title)
         except OSError as err:
             raise rundir.CannotWrite(f"cannot write the classification report in {self.output_dir} "
                                      f"({err.strerror or err}); the final weights are saved") from None

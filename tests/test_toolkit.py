@@ -219,3 +219,44 @@ def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "--accumulate 3 must divide each process's share of the batch, 32" in err
+
+
+# ---- weight EMA ----------------------------------------------------------------------------
+
+def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mnist_dir):
+    decay = 0.75
+    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", decay)
+    expected = {k: v.clone() for k, v in recipe.net.state_dict().items()}  # starts at the initial weights
+
+    def average(step):
+        for name, value in recipe.net.state_dict().items():
+            expected[name] = (decay * expected[name] + (1 - decay) * value if value.is_floating_point()
+                              else value.clone())
+    train_steps(recipe, 0, 3, on_step=average)
+    got = recipe.ema.model.state_dict()
+    assert got.keys() == expected.keys()
+    assert any("running_mean" in name for name in got)  # BatchNorm buffers are averaged too
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        assert not torch.equal(got[name], recipe.net.state_dict()[name]) or not value.is_floating_point(), name
+
+
+def test_ema_resumes_bitwise(accelerator, mnist_dir, tmp_path):
+    args = ["--epochs", 1, "--ema", "0.9"]
+    whole = make_recipe(accelerator, mnist_dir, *args)
+    train_steps(whole, 0, 4, on_step=lambda step: step == 2 and save(whole, tmp_path, step))
+    resumed = make_recipe(accelerator, mnist_dir, *args)
+    resume(resumed, tmp_path, 2)
+    train_steps(resumed, 2, 4)
+    assert_same_state(resumed, whole)
+    for name, value in whole.ema.model.state_dict().items():
+        assert torch.equal(resumed.ema.model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "nan"])
+def test_ema_decay_outside_0_1_is_one_line_and_exit_2(value, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--ema", value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--ema" in err, err
