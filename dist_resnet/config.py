@@ -49,6 +49,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+BEST_METRICS = ("test_acc", "test_loss")  # --keep-best, --early-stop (best.HIGHER_IS_BETTER)
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_WIDTH, MAX_BLOCKS = 4096, 16
 
@@ -75,6 +76,8 @@ class Config:
     clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
     accumulate: int = 1  # micro-batches per process and optimizer step (gradient accumulation)
     ema: float | None = None  # decay of an exponential moving average of the weights (ema.py)
+    keep_best: str | None = None  # test_acc|test_loss: keep the weights of the best evaluation by it
+    early_stop: int | None = None  # stop after K evaluations without improvement (of keep_best, else test_acc)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -129,7 +132,8 @@ class Config:
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
-ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema")
+ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
+                 "keep_best", "early_stop")
 
 
 def from_values(cls, values: dict, source: str):
@@ -150,7 +154,7 @@ def from_values(cls, values: dict, source: str):
 MUST_MATCH_ON_RESUME = ("widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "compile", "sync_bn",
                         "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
-                        "accumulate", "ema")
+                        "accumulate", "ema", "keep_best", "early_stop")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -261,10 +265,11 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH,
          "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
          "clip_grad": positive(float), "accumulate": positive(int),
-         "ema": OPEN_FRACTION}
+         "ema": OPEN_FRACTION, "early_stop": positive(int)}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES,
-           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS}
+           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS,
+           "keep_best": BEST_METRICS}
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -348,6 +353,12 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--ema", type=KINDS["ema"], default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights and BatchNorm buffers "
                    "(for example 0.999), evaluated and saved as model-ema.safetensors (default: none)")
+    p.add_argument("--keep-best", choices=BEST_METRICS, default=None, metavar="METRIC",
+                   help="keep the weights of the best evaluation by METRIC (test_acc or test_loss) as "
+                   "model-best.safetensors (default: none)")
+    p.add_argument("--early-stop", type=KINDS["early_stop"], default=None, metavar="K",
+                   help="stop after K evaluations without improvement of the --keep-best metric "
+                   "(test_acc without --keep-best) (default: never)")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")

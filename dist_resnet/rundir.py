@@ -30,7 +30,8 @@ RECORD = "config.json"
 # what marks a directory as a run's, and what --overwrite deletes.
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
-             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors")
+             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors",
+             "model-best.safetensors")
 
 
 class RunDirError(Exception):

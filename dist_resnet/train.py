@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dist_resnet import checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
+from dist_resnet import best, checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
 from dist_resnet.config import Config, ExitCode, parse_config
 from dist_resnet.model import count_parameters
 
 PROG = "dist_resnet/train.py"
 EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
+BEST_WEIGHTS = "model-best.safetensors"  # --keep-best: the weights of the best evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -100,6 +101,8 @@ class Run:
 
         (train_images, train_labels), self.test_set = self.together(self._load_data)
         self.recipe = self.together(lambda: recipe.Recipe(config, self.accelerator, train_images, train_labels))
+        self.best = (best.Best(config.keep_best or "test_acc") if config.keep_best or config.early_stop
+                     else None)
         meta = self._resume(claim)
         self.step = meta.step if meta else 0
         self.window = recipe.LossWindow(self.accelerator, meta.window if meta else None)
@@ -148,7 +151,7 @@ class Run:
                 return None
         else:
             candidates = [Path(config.resume)]
-        return checkpoint.resume(self.accelerator, candidates, self.recipe.state(), config,
+        return checkpoint.resume(self.accelerator, candidates, self.checkpoint_parts(), config,
                                  self.recipe.total_steps, warn=self.say)
 
     def _start_logging(self, claim: rundir.Claim, meta) -> None:
@@ -222,6 +225,8 @@ class Run:
         """Every batch left, epoch after epoch; a resumed run continues at the next batch."""
         first_epoch, skip = divmod(self.step, self.recipe.steps_per_epoch)
         for epoch in range(first_epoch, self.config.epochs):
+            if self.stopping_early():
+                return
             self.batches = self.recipe.batches(epoch)
             yield from self.batches[skip:]
             skip = 0
@@ -249,11 +254,42 @@ class Run:
         self.evaluation, self.evaluated_at = self.recipe.evaluate(*self.test_set), self.step
         self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss,
                  **self.evaluate_ema())
+        self.track_best()
         if self.is_main:
             self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records())
             self.say(f"epoch {epoch}/{self.config.epochs}: test accuracy {self.evaluation.accuracy:.4f}, "
                      f"loss {self.evaluation.loss:.4f}" + self.ema_summary())
         self.window.restart_clock()  # evaluation time is not training throughput
+
+    def checkpoint_parts(self) -> dict:
+        """What a checkpoint saves and resume restores: the recipe's state, and the best
+        evaluation so far (--keep-best, --early-stop)."""
+        return {**self.recipe.state(), **({"best": self.best} if self.best else {})}
+
+    def track_best(self) -> None:
+        """--keep-best: the weights of an evaluation better than every one before, written
+        atomically by rank 0, with the step and value in the file's metadata."""
+        if self.best is None or not self.best.update({"test_acc": self.evaluation.accuracy,
+                                                      "test_loss": self.evaluation.loss}, self.step):
+            return
+        if self.config.keep_best:
+            def write():
+                path = self.output_dir / BEST_WEIGHTS
+                try:
+                    files.write_atomic(path, checkpoint.tensor_bytes(self.recipe.net.state_dict(), {
+                        "step": str(self.step), "metric": self.best.metric, "value": repr(self.best.value)}))
+                except OSError as err:
+                    raise rundir.CannotWrite(f"cannot write the best weights {path} ({err.strerror or err})") from None
+            self.together(write, main_only=True)
+
+    def stopping_early(self) -> bool:
+        """--early-stop K: K evaluations without improvement. Every rank has the same record
+        (from the same gathered evaluations), so all stop at the same epoch."""
+        if not (self.config.early_stop and self.best.since >= self.config.early_stop):
+            return False
+        self.say(f"stopping early at step {self.step}: {self.best.since} evaluation(s) without a better "
+                 f"{self.best.metric} than {self.best.value:.4f} (step {self.best.step})")
+        return True
 
     def evaluate_ema(self) -> dict:
         """--ema: the weight average's evaluation, as metrics beside the model's."""
@@ -293,7 +329,7 @@ class Run:
         final = self.step == self.recipe.total_steps
         weights_error = self.save_weights(raise_error=False) if final else None
         try:
-            saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.recipe.state(),
+            saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.checkpoint_parts(),
                                     self.config.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             if final:

@@ -260,3 +260,102 @@ def test_ema_decay_outside_0_1_is_one_line_and_exit_2(value, capsys, monkeypatch
         parse_args(["--ema", value])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--ema" in err, err
+
+
+# ---- the options together, under a real 2-process `accelerate launch` ------------------------
+
+LAUNCHED = ["--widths", "4,8,8", "--batch-size", "64", "--train-limit", "512", "--report-to", "none",
+            "--keep-checkpoints", "20", "--no-download", "--dist-timeout", "60"]
+
+
+@pytest.fixture(scope="module")
+def toolkit_run(mnist_dir, tmp_path_factory):
+    """4 epochs of 8 steps with EMA, clipping, a cosine schedule with warmup, accumulation and
+    the best weights by test loss."""
+    from conftest import TRAIN_PY, accelerate_launch, describe
+    out = tmp_path_factory.mktemp("toolkit") / "run"
+    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "4", "--lr", "3e-3",
+                               "--ema", "0.9", "--clip-grad", "0.5", "--schedule", "cosine", "--warmup-steps",
+                               "0.125", "--accumulate", "2", "--keep-best", "test_loss", "--log-every", "2",
+                               "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+    return out, result
+
+
+@pytest.mark.slow
+def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
+    from conftest import train_records
+    from safetensors.torch import load_file
+    out, result = toolkit_run
+    train, evals = train_records(out), train_records(out, "eval")
+    assert [r["step"] for r in train] == list(range(2, 33, 2))
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in train)
+    for r in train:  # logged after the step: the learning rate of the next one (t = step)
+        if r["step"] < 32:
+            assert r["lr"] == pytest.approx(expected_lr(3e-3, r["step"], 4, 32, cosine=True), rel=1e-12)
+    assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
+    assert all(0 <= r["test_acc_ema"] <= 1 and r["test_loss_ema"] > 0 for r in evals)
+    ema, raw = load_file(out / "model-ema.safetensors"), load_file(out / "model.safetensors")
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
+    final = load_file(checkpoint.complete_checkpoints(out)[-1] / "state.safetensors")
+    assert all(torch.equal(final[f"ema.weights.{k}"], v) for k, v in ema.items())
+    report = (out / "classification_report.txt").read_text()
+    assert report.startswith("Weights: model.safetensors (the raw weights") and "EMA weights" in result.stdout
+
+
+@pytest.mark.slow
+def test_best_weights_are_those_of_the_best_evaluation(toolkit_run):
+    from safetensors import safe_open
+
+    from conftest import train_records
+    out, _ = toolkit_run
+    evals = train_records(out, "eval")
+    best = min(evals, key=lambda r: r["test_loss"])
+    with safe_open(out / "model-best.safetensors", framework="pt") as file:
+        meta, kept = file.metadata(), {k: file.get_tensor(k) for k in file.keys()}
+    assert (int(meta["step"]), meta["metric"], float(meta["value"])) == (best["step"], "test_loss", best["test_loss"])
+    at_best = checkpoint.checkpoint_dir(out) / f"step-{best['step']:08d}"
+    from safetensors.torch import load_file
+    assert all(torch.equal(kept[k], v) for k, v in load_file(at_best / "model.safetensors").items())
+
+
+@pytest.mark.slow
+def test_early_stop_stops_every_rank_at_the_same_epoch(mnist_dir, tmp_path):
+    """A learning rate so small that test accuracy stands still: --early-stop 2 ends the run 2
+    evaluations after its best, every rank at the same step (one that kept training would
+    wait in a collective until --dist-timeout failed the job), with a final checkpoint both
+    ranks wrote."""
+    from conftest import TRAIN_PY, accelerate_launch, describe, train_records
+    out = tmp_path / "run"
+    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "8", "--lr", "1e-7",
+                               "--early-stop", "2", "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+    evals = train_records(out, "eval")
+    best_at, since, stop_epoch = None, 0, None
+    for r in evals:  # the rule, applied to the evaluations the run logged
+        if best_at is None or r["test_acc"] > best_at:
+            best_at, since = r["test_acc"], 0
+        else:
+            since += 1
+        if since == 2:
+            stop_epoch = r["epoch"]
+            break
+    assert stop_epoch is not None and stop_epoch < 8, evals  # it did stop early
+    assert evals[-1]["epoch"] == stop_epoch and "stopping early at step" in result.stdout
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    assert newest.name == f"step-{stop_epoch * 8:08d}"
+    assert {p.name for p in newest.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
+    assert (out / "model.safetensors").exists() and (out / "classification_report.txt").exists()
+    # The checkpoint holds the early stop: resuming it trains nothing more.
+    again = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "8", "--lr", "1e-7",
+                              "--early-stop", "2", "--output-dir", out, "--resume", "auto",
+                              env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, describe(again)
+    assert "stopping early at step" in again.stdout and checkpoint.complete_checkpoints(out)[-1] == newest
+    assert [r["epoch"] for r in train_records(out, "eval")] == [r["epoch"] for r in evals]
+
+
+def test_every_best_metric_has_a_direction():
+    from dist_resnet.best import HIGHER_IS_BETTER
+    from dist_resnet.config import BEST_METRICS
+    assert set(HIGHER_IS_BETTER) == set(BEST_METRICS)
