@@ -78,6 +78,7 @@ class Config:
     ema: float | None = None  # decay of an exponential moving average of the weights (ema.py)
     keep_best: str | None = None  # test_acc|test_loss: keep the weights of the best evaluation by it
     early_stop: int | None = None  # stop after K evaluations without improvement (of keep_best, else test_acc)
+    profile: bool = False  # torch.profiler trace of a few steps after warm-up, on rank 0 (profiling.py)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -133,7 +134,7 @@ class Config:
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
-                 "keep_best", "early_stop")
+                 "keep_best", "early_stop", "profile")
 
 
 def from_values(cls, values: dict, source: str):
@@ -359,6 +360,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--early-stop", type=KINDS["early_stop"], default=None, metavar="K",
                    help="stop after K evaluations without improvement of the --keep-best metric "
                    "(test_acc without --keep-best) (default: never)")
+    p.add_argument("--profile", action="store_true",
+                   help="record a torch.profiler trace of 5 training steps after 7 on rank 0: "
+                   "profile-trace.json (Chrome/Perfetto) and profile-ops.txt (top operators)")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")

@@ -31,7 +31,7 @@ RECORD = "config.json"
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
              "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors",
-             "model-best.safetensors")
+             "model-best.safetensors", "profile-trace.json", "profile-ops.txt")
 
 
 class RunDirError(Exception):

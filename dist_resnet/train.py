@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dist_resnet import best, checkpoint, cli, data, distributed, files, provenance, recipe, report, rundir, tracking
+from dist_resnet import (best, checkpoint, cli, data, distributed, files, profiling, provenance, recipe, report,
+                         rundir, tracking)
 from dist_resnet.config import Config, ExitCode, parse_config
 from dist_resnet.model import count_parameters
 
@@ -77,7 +78,7 @@ class Run:
     def __init__(self, config: Config, accelerator):
         self.config, self.accelerator = config, accelerator
         self.is_main = accelerator.is_main_process
-        self.lock = self.trackers = self.plots = self.bar = None
+        self.lock = self.trackers = self.plots = self.bar = self.profiler = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
         self.ema_evaluation = None
         self.metrics_failed = False
@@ -109,6 +110,7 @@ class Run:
         self.test_images_host = self.test_set[0].cpu()  # for the plots (no copy on CPU)
         self.together(lambda: self._start_logging(claim, meta), main_only=True)
         self._announce(meta)
+        self.profiler = profiling.StepProfiler(self.output_dir, config.profile and self.is_main, say=self.say)
 
     def _claim(self, config: Config) -> rundir.Claim:
         checkpoint_run_id = None
@@ -233,6 +235,7 @@ class Run:
 
     def count(self, loss: torch.Tensor, batch_len: int) -> None:
         self.step += 1
+        self.profiler.step()
         self.window.add(loss, batch_len * self.accelerator.num_processes)
         self.bar.update()
         if self.step % self.config.log_every == 0 or self.at_epoch_end():  # the loop's one device sync
@@ -409,6 +412,8 @@ class Run:
             sys.stdout.flush()
 
     def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         if self.bar is not None:
             self.bar.close()
         if self.plots is not None:

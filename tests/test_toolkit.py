@@ -3,6 +3,7 @@ warmup, gradient clipping, accumulation and weight EMA, each checked against wha
 defined to compute, and resumed from real checkpoints on disk."""
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,24 @@ def test_every_best_metric_has_a_direction():
     from dist_resnet.best import HIGHER_IS_BETTER
     from dist_resnet.config import BEST_METRICS
     assert set(HIGHER_IS_BETTER) == set(BEST_METRICS)
+
+
+# ---- profiling -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_of_training_steps_and_a_table(mnist_dir, tmp_path):
+    import json
+
+    from conftest import TRAIN_PY, describe, run
+    out = tmp_path / "run"
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "1024",
+                  "--epochs", "1", "--profile", "--output-dir", out])  # 16 steps
+    assert result.returncode == 0, describe(result)
+    events = json.loads((out / "profile-trace.json").read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    steps = sorted(int(n.split("#")[1]) for n in names if n.startswith("ProfilerStep#"))
+    assert steps == [7, 8, 9, 10, 11]  # 5 steps, after 5 skipped and 2 of warm-up
+    assert any(n.startswith("aten::convolution") for n in names) and "autograd::engine" in " ".join(names)
+    table = (out / "profile-ops.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    assert f"profile of 5 training steps after 7: {out / 'profile-trace.json'}" in result.stdout
