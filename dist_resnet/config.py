@@ -10,6 +10,7 @@ and serve twice: as argparse types for the command line, and as the checks a run
 import argparse
 import dataclasses
 import importlib
+import json
 import math
 import os
 import re
@@ -19,6 +20,7 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -79,6 +81,7 @@ class Config:
     keep_best: str | None = None  # test_acc|test_loss: keep the weights of the best evaluation by it
     early_stop: int | None = None  # stop after K evaluations without improvement (of keep_best, else test_acc)
     profile: bool = False  # torch.profiler trace of a few steps after warm-up, on rank 0 (profiling.py)
+    config_file: str | None = None  # --config: options read from a YAML file or a run's config.json
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -134,7 +137,7 @@ class Config:
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
-                 "keep_best", "early_stop", "profile")
+                 "keep_best", "early_stop", "profile", "config_file")
 
 
 def from_values(cls, values: dict, source: str):
@@ -360,6 +363,10 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--early-stop", type=KINDS["early_stop"], default=None, metavar="K",
                    help="stop after K evaluations without improvement of the --keep-best metric "
                    "(test_acc without --keep-best) (default: never)")
+    p.add_argument("--config", dest="config_file", type=PATH, default=None, metavar="FILE",
+                   help="read options from a YAML file (names as on the command line, such as lr: 0.01 "
+                   "or batch-size: 512) or from a run's config.json, to rerun that run; options given "
+                   "on the command line win")
     p.add_argument("--profile", action="store_true",
                    help="record a torch.profiler trace of 5 training steps after 7 on rank 0: "
                    "profile-trace.json (Chrome/Perfetto) and profile-ops.txt (top operators)")
@@ -416,9 +423,89 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     return p
 
 
+# What a run's config.json says about where it ran, not what it trained: rerunning it from its
+# record leaves these to the command line (a new --output-dir; the record's own --config file).
+NOT_REPEATED = ("output_dir", "run_name", "resume", "overwrite", "config_file")
+
+
+def config_file_in(argv: list[str] | None) -> str | None:
+    """The --config FILE of a command line, read before the rest (its options become defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", dest="config_file", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known.config_file
+
+
+def read_options_file(path: str) -> dict:
+    """The options of a YAML file, or of a run's config.json (its options, less NOT_REPEATED and
+    the facts beside them): a mapping of option names to values, names with - or _."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if Path(path).suffix == ".json":
+        try:
+            values = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if isinstance(values, dict) and "format" in values:  # a run record: options beside facts
+            fields = {f.name for f in dataclasses.fields(Config)}
+            values = {k: v for k, v in values.items() if k in fields and k not in NOT_REPEATED}
+    else:
+        yaml = require("yaml", "--config FILE", "give a run's config.json instead")
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"not valid YAML ({' '.join(str(err).split())})") from None
+    if values is None:  # an empty YAML file
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError("expected a mapping of option names to values")
+    return {str(name).replace("-", "_"): value for name, value in values.items()}
+
+
+def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a --config file as the parser's defaults, each checked as strictly as on
+    the command line: an unknown name, or a value of the wrong type, kind or choice raises
+    ValueError naming it."""
+    actions = {action.dest: action for action in parser._actions}
+    hints = typing.get_type_hints(Config)
+    options = {}
+    for name, value in read_options_file(path).items():
+        if name not in hints or name not in actions or name == "config_file":
+            raise ValueError(f"unknown option {name!r}")
+        action = actions[name]
+        if isinstance(value, str) and callable(action.type):  # as on the command line: "32,64"
+            try:
+                value = action.type(value)
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"{name}: {err}") from None
+        value = _typed(value, hints[name], name)
+        if value is not None and isinstance(action.type, Kind) and not action.type.accepts(value):
+            raise ValueError(f"{name}: expected {action.type.expected}, got {value!r}")
+        if value is not None and action.choices and value not in action.choices:
+            raise ValueError(f"{name}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+        options[name] = value
+    return options
+
+
+def options_given(argv: list[str]) -> dict:
+    """The options as given, for the run record beside the resolved ones: the command line,
+    and the --config file's options."""
+    path = config_file_in(argv)
+    return {"command_line": list(argv), "config_file": path,
+            "config_file_options": read_options_file(path) if path else None}
+
+
 def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
     parser = build_parser(schedules, trackers)
+    path = config_file_in(argv)
+    if path:
+        try:
+            parser.set_defaults(**file_options(parser, path))
+        except (ValueError, MissingPackage) as err:
+            parser.error(f"--config {path}: {err}")
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from dist_resnet import (best, checkpoint, cli, data, distributed, files, profiling, provenance, recipe, report,
                          rundir, tracking)
-from dist_resnet.config import Config, ExitCode, parse_config
+from dist_resnet.config import Config, ExitCode, options_given, parse_config
 from dist_resnet.model import count_parameters
 
 PROG = "dist_resnet/train.py"
@@ -31,10 +31,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
     accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
                                     timeout_s=config.dist_timeout)
-    run = Run(config, accelerator)
+    run = Run(config, accelerator, options_given(argv))
     try:
         run.start()
         return train(run)
@@ -75,8 +76,8 @@ class Run:
     """One training run's state on one rank: its output directory, data, recipe, position in
     training, metrics file, plots and trackers. Rank 0 alone writes run files and tracks."""
 
-    def __init__(self, config: Config, accelerator):
-        self.config, self.accelerator = config, accelerator
+    def __init__(self, config: Config, accelerator, given: dict | None = None):
+        self.config, self.accelerator, self.given = config, accelerator, given
         self.is_main = accelerator.is_main_process
         self.lock = self.trackers = self.plots = self.bar = self.profiler = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
@@ -165,7 +166,7 @@ class Run:
             num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.labels),
             test_size=len(self.test_set[1]), steps_per_epoch=recipe_.steps_per_epoch,
             started=claim.continues.facts.started if claim.continues else _now(),
-            provenance=provenance.describe(self.accelerator.device.type)))
+            provenance=provenance.describe(self.accelerator.device.type)), self.given)
         # Trackers before the record: one that cannot start leaves the directory as it was,
         # free for a retry; the run --overwrite replaces is back in place then.
         with rundir.replacing(self.output_dir, claim.replaces):

@@ -381,3 +381,69 @@ def test_profile_writes_a_trace_of_training_steps_and_a_table(mnist_dir, tmp_pat
     table = (out / "profile-ops.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
     assert f"profile of 5 training steps after 7: {out / 'profile-trace.json'}" in result.stdout
+
+
+# ---- --config FILE -------------------------------------------------------------------------
+
+def test_yaml_options_are_read_and_the_command_line_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "options.yaml"
+    path.write_text("lr: 0.02\nbatch-size: 64\nwidths: [4, 8]\nschedule: cosine\nema: 0.99\n"
+                    "tags: a,b\nsync_bn: false\n")
+    config = parse_args(["--config", str(path), "--lr", "0.05"])
+    assert (config.lr, config.batch_size, config.widths, config.schedule, config.ema) == (0.05, 64, (4, 8), "cosine", 0.99)
+    assert config.tags == ("a", "b") and not config.sync_bn and config.config_file == str(path)
+    path.write_text("widths: 4,8\n")  # as on the command line
+    assert parse_args(["--config", str(path)]).widths == (4, 8)
+    assert parse_args(["--config", str(path), "--debug"]).widths == (4, 8)  # the file's, not --debug's
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("lr: [0.1\n", "not valid YAML"),
+    ("- lr\n- 0.1\n", "expected a mapping"),
+    ("bogus: 1\n", "unknown option 'bogus'"),
+    ("lr: -1\n", "lr: expected a positive finite number"),
+    ("lr: fast\n", "lr: expected a positive finite number"),
+    ("schedule: sometimes\n", "schedule: expected one of"),
+    ("epochs: 2.5\n", "epochs: expected int"),
+    ("ema: 1.0\n", "ema: expected a number between 0 and 1"),
+])
+def test_a_bad_config_file_is_one_line_and_exit_2(content, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path / "options.yaml"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dist_resnet/train.py: error: --config {path}: ") and fragment in err, err
+
+
+@pytest.mark.slow
+def test_a_run_is_rerun_bitwise_from_its_config_json(mnist_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import TRAIN_PY, describe, run, train_records
+    first, second = tmp_path / "first", tmp_path / "second"
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "256", "--seed",
+                  "5", "--epochs", "1", "--schedule", "cosine", "--warmup-steps", "1", "--ema", "0.9", "--augment",
+                  "--lr", "5e-3", "--log-every", "1", "--output-dir", first], env=one_thread)
+    assert result.returncode == 0, describe(result)
+    again = run([sys.executable, TRAIN_PY, "--config", first / "config.json", "--output-dir", second], env=one_thread)
+    assert again.returncode == 0, describe(again)
+    for name in ("model.safetensors", "model-ema.safetensors"):
+        a, b = load_file(first / name), load_file(second / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["train_loss"] for r in train_records(first)] == [r["train_loss"] for r in train_records(second)]
+    records = [json.loads((d / "config.json").read_text()) for d in (first, second)]
+    assert records[1]["options_given"] == {
+        "command_line": ["--config", str(first / "config.json"), "--output-dir", str(second)],
+        "config_file": str(first / "config.json"),
+        "config_file_options": {k: v for k, v in records[0].items() if k in records[1] and k not in (
+            "output_dir", "run_name", "resume", "overwrite", "config_file", "format", "run_id", "options_given")
+            and k in {f for f in Config.__dataclass_fields__}}}
+    same = {k for k in Config.__dataclass_fields__} - {"output_dir", "run_name", "config_file"}
+    assert {k: records[0][k] for k in same} == {k: records[1][k] for k in same}
