@@ -82,6 +82,7 @@ class Config:
     early_stop: int | None = None  # stop after K evaluations without improvement (of keep_best, else test_acc)
     profile: bool = False  # torch.profiler trace of a few steps after warm-up, on rank 0 (profiling.py)
     config_file: str | None = None  # --config: options read from a YAML file or a run's config.json
+    deterministic: bool = False  # deterministic kernels only, no cuDNN autotuning (a GPU run repeats bitwise)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -137,7 +138,7 @@ class Config:
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
-                 "keep_best", "early_stop", "profile", "config_file")
+                 "keep_best", "early_stop", "profile", "config_file", "deterministic")
 
 
 def from_values(cls, values: dict, source: str):
@@ -389,6 +390,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
                    help="default: what `accelerate launch` / `accelerate config` set, else no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only and no cuDNN benchmarking, so that a GPU run "
+                   "repeats bitwise (slower; an operation without a deterministic kernel fails)")
     p.add_argument("--dist-timeout", type=KINDS["dist_timeout"], default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=defaults.checkpoint_every,

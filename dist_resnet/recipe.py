@@ -7,6 +7,7 @@ Adding a schedule is one entry in SCHEDULES; the command line offers every entry
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -73,6 +74,18 @@ SCHEDULES: dict[str, Callable] = {
 }
 
 
+def use_deterministic_algorithms() -> None:
+    """--deterministic: the same result from the same inputs on a GPU too. cuDNN's autotuning
+    may pick another kernel in each run; some CUDA kernels add up in a racing order (atomics),
+    and cuBLAS needs a fixed workspace for a fixed order (PyTorch's "Reproducibility" notes).
+    The environment variable is read when cuBLAS starts, at the first matrix product, after
+    this."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def make_optimizer(parameters, config: Config, on_gpu: bool) -> torch.optim.Optimizer:
     """--optimizer. Fused kernels (one for all parameters instead of several per tensor) on CUDA."""
     if config.optimizer == "adamw":  # its own default decay is 0.01: ours is what was asked for
@@ -129,7 +142,10 @@ class Recipe:
         if config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         on_gpu = accelerator.device.type == "cuda"
-        torch.backends.cudnn.benchmark = on_gpu  # the shapes are fixed: pick the fastest kernels once
+        # The shapes are fixed: pick the fastest kernels once (not with --deterministic).
+        torch.backends.cudnn.benchmark = on_gpu and not config.deterministic
+        if config.deterministic:
+            use_deterministic_algorithms()
         optimizer = make_optimizer(net.parameters(), config, on_gpu)
         # The schedule steps once per optimizer step, so it is not handed to accelerate.prepare
         # (whose wrapper steps it once per process).

@@ -447,3 +447,21 @@ def test_a_run_is_rerun_bitwise_from_its_config_json(mnist_dir, tmp_path):
             and k in {f for f in Config.__dataclass_fields__}}}
     same = {k for k in Config.__dataclass_fields__} - {"output_dir", "run_name", "config_file"}
     assert {k: records[0][k] for k in same} == {k: records[1][k] for k in same}
+
+
+# ---- --deterministic -----------------------------------------------------------------------
+
+def test_deterministic_sets_the_switches_and_a_step_runs_under_them(accelerator, mnist_dir):
+    try:
+        runs = []
+        for _ in range(2):
+            recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--deterministic", "--augment",
+                                 "--ema", "0.9", "--clip-grad", "1")
+            assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+            assert not torch.backends.cudnn.benchmark
+            train_steps(recipe, 0, 2)
+            runs.append(recipe)
+        assert_same_state(*runs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
