@@ -226,11 +226,15 @@ class Recipe:
 
     def recalibrate(self, batches) -> None:
         """--bn-recalibrate: BatchNorm statistics from the first batches of `batches`, not the
-        lagging running averages (every rank takes part: SyncBatchNorm all-reduces)."""
+        lagging running averages (every rank takes part: SyncBatchNorm all-reduces). With --ema,
+        the average's statistics too, for the average's weights: averaged statistics describe
+        none of the weights they were averaged with."""
         if self.config.bn_recalibrate:
-            recalibrate_batchnorm(self.net, [
+            inputs = [
                 data.normalize(self.images[index], channels_last=self.config.channels_last)
-                for index in batches[:self.config.bn_recalibrate]])
+                for index in batches[:self.config.bn_recalibrate]]
+            for model in (self.net, *([self.ema.model] if self.ema is not None else [])):
+                recalibrate_batchnorm(model, inputs)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
         distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics

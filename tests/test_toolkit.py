@@ -118,10 +118,21 @@ def test_optimizers_are_built_as_asked_and_resume_bitwise(accelerator, mnist_dir
 
 
 def test_a_record_written_before_the_new_options_reads_as_their_defaults():
+    from dist_resnet.config import ADDED_OPTIONS
     values = Config().to_dict()
-    for name in ("optimizer", "weight_decay", "momentum", "warmup_steps"):
+    for name in ADDED_OPTIONS:
         del values[name]
     assert Config.from_dict(values, "old config.json") == Config()
+
+
+def parse_error(argv: list[str], capsys) -> str:
+    """The one line that a bad command line ends with (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("dist_resnet/train.py: error: "), err
+    return err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -135,11 +146,7 @@ def test_a_record_written_before_the_new_options_reads_as_their_defaults():
 ])
 def test_bad_toolkit_options_are_one_line_and_exit_2(argv, fragment, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("dist_resnet/train.py: error: ") and fragment in err, err
+    assert fragment in parse_error(argv, capsys)
 
 
 def test_a_warmup_as_long_as_the_run_is_a_user_error(accelerator, mnist_dir):
@@ -215,10 +222,7 @@ def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_
 
 def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--batch-size", "64", "--accumulate", "3"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    err = parse_error(["--batch-size", "64", "--accumulate", "3"], capsys)
     assert "--accumulate 3 must divide each process's share of the batch, 32" in err
 
 
@@ -254,13 +258,29 @@ def test_ema_resumes_bitwise(accelerator, mnist_dir, tmp_path):
         assert torch.equal(resumed.ema.model.state_dict()[name], value), name
 
 
+def test_bn_recalibration_recomputes_the_ema_statistics_for_the_ema_weights(accelerator, mnist_dir):
+    import copy
+
+    from dist_resnet.model import recalibrate_batchnorm
+    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", "0.5", "--bn-recalibrate", 2)
+    train_steps(recipe, 0, 3)
+    batches = recipe.batches(0)
+    expected = copy.deepcopy(recipe.ema.model)
+    recalibrate_batchnorm(expected, [data.normalize(recipe.images[i]) for i in batches[:2]])
+    before = copy.deepcopy(recipe.ema.model.state_dict())
+    recipe.recalibrate(batches)
+    got = recipe.ema.model.state_dict()
+    means = [name for name in got if name.endswith("running_mean")]
+    assert means and all(not torch.equal(got[name], before[name]) for name in means)
+    assert all(torch.equal(got[name], value) for name, value in expected.state_dict().items())
+    assert all(torch.equal(got[name], before[name]) for name in got if "running" not in name
+               and "num_batches" not in name)  # the weights are not touched
+
+
 @pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "nan"])
 def test_ema_decay_outside_0_1_is_one_line_and_exit_2(value, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--ema", value])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--ema" in err, err
+    assert "--ema" in parse_error(["--ema", value], capsys)
 
 
 # ---- the options together, under a real 2-process `accelerate launch` ------------------------
@@ -412,10 +432,7 @@ def test_a_bad_config_file_is_one_line_and_exit_2(content, fragment, tmp_path, c
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     path = tmp_path / "options.yaml"
     path.write_text(content)
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--config", str(path)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    err = parse_error(["--config", str(path)], capsys)
     assert err.startswith(f"dist_resnet/train.py: error: --config {path}: ") and fragment in err, err
 
 
