@@ -18,6 +18,16 @@ from dist_resnet.train import parse_args
 SMALL = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--report-to", "none"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process recipes are tiny: one thread is faster, above all on a busy machine
+    (idle threads of an OpenMP pool spin while others wait for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_recipe(accelerator, mnist_dir, *args) -> Recipe:
     config = parse_args([*SMALL, "--data-dir", str(mnist_dir), *map(str, args)])
     images, labels = data.load_split(mnist_dir, "train", config.train_limit)
@@ -66,8 +76,7 @@ def expected_lr(peak: float, t: int, warmup: int, total: int, cosine: bool) -> f
     return peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
-@pytest.mark.parametrize("schedule, warmup_option, warmup", [("cosine", "3", 3), ("cosine", "0", 0),
-                                                              ("cosine", "0.25", 3), ("constant", "5", 5)])
+@pytest.mark.parametrize("schedule, warmup_option, warmup", [("cosine", "0.25", 3), ("constant", "5", 5)])
 def test_schedule_lr_follows_its_formula_at_every_step_and_after_resume(
         accelerator, mnist_dir, tmp_path, schedule, warmup_option, warmup):
     """3 epochs of 4 steps: the learning rate of every step is the formula's, in one run and
@@ -197,7 +206,7 @@ def test_accumulated_step_has_the_gradients_of_the_whole_batch(accelerator, mnis
         recipe.step_on = lambda x, y: losses.append(original(x, y)) or losses[-1]
         steps[accumulate] = gradients_at_step(recipe), losses[0]
     for whole, parts in zip(steps[1][0], steps[4][0], strict=True):
-        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-6)  # float sums in another order
     torch.testing.assert_close(steps[4][1], steps[1][1])
 
 
@@ -217,7 +226,7 @@ def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_
     assert int(meta["parts_reduces"]) == int(meta["whole_reduces"]) > 0
     count = len(tensors) // 2
     for i in range(count):
-        torch.testing.assert_close(tensors[f"parts.{i}"], tensors[f"whole.{i}"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tensors[f"parts.{i}"], tensors[f"whole.{i}"], rtol=1e-4, atol=1e-6)
 
 
 def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
@@ -238,6 +247,9 @@ def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mn
             expected[name] = (decay * expected[name] + (1 - decay) * value if value.is_floating_point()
                               else value.clone())
     train_steps(recipe, 0, 3, on_step=average)
+    plain = make_recipe(accelerator, mnist_dir, "--epochs", 1)
+    train_steps(plain, 0, 3)
+    assert_same_state(recipe, plain)  # the average does not change what is trained
     got = recipe.ema.model.state_dict()
     assert got.keys() == expected.keys()
     assert any("running_mean" in name for name in got)  # BatchNorm buffers are averaged too
@@ -322,6 +334,8 @@ def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
     assert all(torch.equal(final[f"ema.weights.{k}"], v) for k, v in ema.items())
     report = (out / "classification_report.txt").read_text()
     assert report.startswith("Weights: model.safetensors (the raw weights") and "EMA weights" in result.stdout
+    from dist_resnet import rundir
+    assert {p.name for p in out.iterdir()} - {".lock"} <= set(rundir.RUN_FILES)  # what --overwrite deletes
 
 
 @pytest.mark.slow
@@ -401,6 +415,8 @@ def test_profile_writes_a_trace_of_training_steps_and_a_table(mnist_dir, tmp_pat
     table = (out / "profile-ops.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
     assert f"profile of 5 training steps after 7: {out / 'profile-trace.json'}" in result.stdout
+    from dist_resnet import rundir
+    assert {p.name for p in out.iterdir()} - {".lock"} <= set(rundir.RUN_FILES)
 
 
 # ---- --config FILE -------------------------------------------------------------------------
