@@ -351,19 +351,19 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
                    "of all steps, before --schedule constant or cosine")
     p.add_argument("--clip-grad", type=KINDS["clip_grad"], default=None, metavar="NORM",
                    help="clip the gradients' total 2-norm to NORM (after fp16 unscaling); the norm "
-                   "before clipping is logged as grad_norm at each loss report (default: no clipping)")
+                   "before clipping is logged as grad_norm at each loss report")
     p.add_argument("--accumulate", type=KINDS["accumulate"], default=defaults.accumulate, metavar="N",
                    help="split each process's share of the batch into N micro-batches, their gradients "
                    "added up and all-reduced once: the same --batch-size in less memory")
     p.add_argument("--ema", type=KINDS["ema"], default=None, metavar="DECAY",
                    help="also keep an exponential moving average of the weights and BatchNorm buffers "
-                   "(for example 0.999), evaluated and saved as model-ema.safetensors (default: none)")
+                   "(for example 0.999), evaluated and saved as model-ema.safetensors")
     p.add_argument("--keep-best", choices=BEST_METRICS, default=None, metavar="METRIC",
                    help="keep the weights of the best evaluation by METRIC (test_acc or test_loss) as "
-                   "model-best.safetensors (default: none)")
+                   "model-best.safetensors")
     p.add_argument("--early-stop", type=KINDS["early_stop"], default=None, metavar="K",
                    help="stop after K evaluations without improvement of the --keep-best metric "
-                   "(test_acc without --keep-best) (default: never)")
+                   "(test_acc without --keep-best)")
     p.add_argument("--config", dest="config_file", type=PATH, default=None, metavar="FILE",
                    help="read options from a YAML file (names as on the command line, such as lr: 0.01 "
                    "or batch-size: 512) or from a run's config.json, to rerun that run; options given "
