@@ -19,7 +19,7 @@ import torch
 
 from dist_resnet import cli, data, files
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
-from dist_resnet.model import WeightsError, load_model
+from dist_resnet.model import load_model
 
 PROG = "dist_resnet/export.py"
 OPSET = 17
