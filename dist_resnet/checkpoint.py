@@ -2,7 +2,7 @@
 
 A checkpoint is a directory OUTPUT_DIR/checkpoints/step-N holding
 - model.safetensors: the plain model's weights (evaluate.py and predict.py read it too);
-- state.safetensors: the optimizer, schedule and gradient scaler, their tensors as tensors and
+- state.safetensors: the optimizer, schedule, gradient scaler and weight EMA, their tensors as tensors and
   the rest as JSON in the file's metadata;
 - rng-R.safetensors: rank R's random generators (torch, CUDA, numpy, Python);
 - meta.json: the step, the number of processes, the run's configuration and id, and the loss

@@ -10,6 +10,7 @@ and serve twice: as argparse types for the command line, and as the checks a run
 import argparse
 import dataclasses
 import importlib
+import json
 import math
 import os
 import re
@@ -19,6 +20,7 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -48,6 +50,8 @@ FAST_RECIPE = {"batch_size": 512, "epochs": 3, "lr": 8e-3, "schedule": "onecycle
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 WANDB_MODES = ("online", "offline", "disabled")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+BEST_METRICS = ("test_acc", "test_loss")  # --keep-best, --early-stop (best.HIGHER_IS_BETTER)
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_WIDTH, MAX_BLOCKS = 4096, 16
 
@@ -71,8 +75,20 @@ class Config:
     # optimisation
     epochs: int = 60
     batch_size: int = 2048  # global batch, split evenly over the processes
-    lr: float = 1e-3  # Adam learning rate (the peak, with --schedule onecycle)
+    lr: float = 1e-3  # learning rate (the peak, with --schedule onecycle or cosine)
     schedule: str = "constant"  # a name from recipe.SCHEDULES
+    optimizer: str = "adam"  # adam|adamw (decoupled weight decay)|sgd (Nesterov momentum)
+    weight_decay: float = 0.0  # AdamW's decoupled decay; an L2 penalty with adam and sgd
+    momentum: float = 0.9  # SGD's Nesterov momentum
+    warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
+    clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
+    accumulate: int = 1  # micro-batches per process and optimizer step (gradient accumulation)
+    ema: float | None = None  # decay of an exponential moving average of the weights (ema.py)
+    keep_best: str | None = None  # test_acc|test_loss: keep the weights of the best evaluation by it
+    early_stop: int | None = None  # stop after K evaluations without improvement (of keep_best, else test_acc)
+    profile: bool = False  # torch.profiler trace of a few steps after warm-up, on rank 0 (profiling.py)
+    config_file: str | None = None  # --config: options read from a YAML file or a run's config.json
+    deterministic: bool = False  # deterministic kernels only, no cuDNN autotuning (a GPU run repeats bitwise)
     label_smoothing: float = 0.0
     augment: bool = False  # small random affine transforms of the training images, on the device
     bn_recalibrate: int = 0  # before each evaluation, recompute BatchNorm statistics over N batches
@@ -110,10 +126,10 @@ class Config:
     def from_dict(cls, values: dict, source: str) -> "Config":
         """The Config a run record holds, checked as strictly as the command line: a missing,
         unknown, mistyped or out-of-range value raises ValueError naming it. Options added
-        after a record was written take their defaults (the record is of an older version)."""
-        defaults = Config().to_dict()
-        values = {**{name: defaults[name] for name in ADDED_OPTIONS}, **values}
-        config = from_values(cls, values, source)
+        after a record was written are absent from it: they take their defaults, which are
+        what such a run did."""
+        added = {name: getattr(cls(), name) for name in ADDED_OPTIONS if name not in values}
+        config = from_values(cls, {**values, **added}, source)
         for name, kind in KINDS.items():
             value = getattr(config, name)
             if value is not None and not kind.accepts(value):
@@ -123,6 +139,13 @@ class Config:
             if value is not None and value not in allowed:
                 raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
         return config
+
+
+# Options newer than the first run records (config.json, a checkpoint's meta.json); their
+# defaults reproduce what the suite did before they existed.
+ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers",
+                 "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
+                 "keep_best", "early_stop", "profile", "config_file", "deterministic")
 
 
 def from_values(cls, values: dict, source: str):
@@ -138,13 +161,12 @@ def from_values(cls, values: dict, source: str):
     return cls(**{name: _typed(values[name], hints[name], f"{source}: {name}") for name in names})
 
 
-# Options added since the first run-record format: an older record lacks them, and means their
-# defaults (which keep the behaviour it was written with).
-ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers")
 # Options that decide what is trained: a resumed run must use the same values (README,
 # "Checkpoints and resume"). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
-                        "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn")
+                        "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn",
+                        "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
+                        "accumulate", "ema", "keep_best", "early_stop")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -236,6 +258,11 @@ def _read_floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(","))
 
 
+NON_NEGATIVE_NUMBER = Kind(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+# A count of steps, or a fraction of all steps when below 1.
+STEPS_OR_FRACTION = Kind(float, lambda v: 0 <= v < 2**31 and (v < 1 or v == int(v)),
+                         "a whole number of steps >= 0, or a fraction in (0, 1) of all steps")
+OPEN_FRACTION = Kind(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
 NON_NEGATIVE = Kind(int, lambda v: 0 <= v <= 2**31 - 1, "a whole number >= 0")
 FRACTION = Kind(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 SEED = Kind(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
@@ -256,11 +283,15 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "image_size": positive(int, 4096),
-         "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64")}
+         "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64"),
+         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
+         "clip_grad": positive(float), "accumulate": positive(int),
+         "ema": OPEN_FRACTION, "early_stop": positive(int)}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 DATA_PATHS = ("auto", "resident", "stream")
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES, "data_path": DATA_PATHS,
-           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES}
+           "mixed_precision": MIXED_PRECISION, "wandb_mode": WANDB_MODES, "optimizer": OPTIMIZERS,
+           "keep_best": BEST_METRICS}
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -337,10 +368,41 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     p.add_argument("--batch-size", type=KINDS["batch_size"], default=None,
                    help=f"global batch size, split evenly over the processes (default {defaults.batch_size})")
     p.add_argument("--lr", type=KINDS["lr"], default=None,
-                   help=f"Adam learning rate, the peak with --schedule onecycle (default {defaults.lr})")
+                   help=f"learning rate, the peak with --schedule onecycle or cosine (default {defaults.lr})")
     p.add_argument("--schedule", choices=schedules, default=None,
                    help=f"learning-rate schedule (default {defaults.schedule})")
     p.add_argument("--label-smoothing", type=FRACTION, default=None, help="default 0")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                   help="adamw: decoupled --weight-decay; sgd: Nesterov --momentum")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=defaults.weight_decay,
+                   help="AdamW's decoupled weight decay (an L2 penalty with adam and sgd)")
+    p.add_argument("--momentum", type=OPEN_FRACTION, default=defaults.momentum,
+                   help="SGD's Nesterov momentum (--optimizer sgd only)")
+    p.add_argument("--warmup-steps", type=STEPS_OR_FRACTION, default=defaults.warmup_steps, metavar="N|FRACTION",
+                   help="linear learning-rate warmup over N optimizer steps, or over this fraction (< 1) "
+                   "of all steps, before --schedule constant or cosine")
+    p.add_argument("--clip-grad", type=KINDS["clip_grad"], default=None, metavar="NORM",
+                   help="clip the gradients' total 2-norm to NORM (after fp16 unscaling); the norm "
+                   "before clipping is logged as grad_norm at each loss report")
+    p.add_argument("--accumulate", type=KINDS["accumulate"], default=defaults.accumulate, metavar="N",
+                   help="split each process's share of the batch into N micro-batches, their gradients "
+                   "added up and all-reduced once: the same --batch-size in less memory")
+    p.add_argument("--ema", type=KINDS["ema"], default=None, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights and BatchNorm buffers "
+                   "(for example 0.999), evaluated and saved as model-ema.safetensors")
+    p.add_argument("--keep-best", choices=BEST_METRICS, default=None, metavar="METRIC",
+                   help="keep the weights of the best evaluation by METRIC (test_acc or test_loss) as "
+                   "model-best.safetensors")
+    p.add_argument("--early-stop", type=KINDS["early_stop"], default=None, metavar="K",
+                   help="stop after K evaluations without improvement of the --keep-best metric "
+                   "(test_acc without --keep-best)")
+    p.add_argument("--config", dest="config_file", type=PATH, default=None, metavar="FILE",
+                   help="read options from a YAML file (names as on the command line, such as lr: 0.01 "
+                   "or batch-size: 512) or from a run's config.json, to rerun that run; options given "
+                   "on the command line win")
+    p.add_argument("--profile", action="store_true",
+                   help="record a torch.profiler trace of 5 training steps after 7 on rank 0: "
+                   "profile-trace.json (Chrome/Perfetto) and profile-ops.txt (top operators)")
     p.add_argument("--bn-recalibrate", type=NON_NEGATIVE, default=None, metavar="N",
                    help="before each evaluation, recompute BatchNorm statistics over N training "
                    "batches (default 0: keep the running averages)")
@@ -360,6 +422,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
                    help="default: what `accelerate launch` / `accelerate config` set, else no")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only and no cuDNN benchmarking, so that a GPU run "
+                   "repeats bitwise (slower; an operation without a deterministic kernel fails)")
     p.add_argument("--dist-timeout", type=KINDS["dist_timeout"], default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=defaults.checkpoint_every,
@@ -394,10 +459,90 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     return p
 
 
+# What a run's config.json says about where it ran, not what it trained: rerunning it from its
+# record leaves these to the command line (a new --output-dir; the record's own --config file).
+NOT_REPEATED = ("output_dir", "run_name", "resume", "overwrite", "config_file")
+
+
+def config_file_in(argv: list[str] | None) -> str | None:
+    """The --config FILE of a command line, read before the rest (its options become defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", dest="config_file", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known.config_file
+
+
+def read_options_file(path: str) -> dict:
+    """The options of a YAML file, or of a run's config.json (its options, less NOT_REPEATED and
+    the facts beside them): a mapping of option names to values, names with - or _."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if Path(path).suffix == ".json":
+        try:
+            values = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if isinstance(values, dict) and "format" in values:  # a run record: options beside facts
+            fields = {f.name for f in dataclasses.fields(Config)}
+            values = {k: v for k, v in values.items() if k in fields and k not in NOT_REPEATED}
+    else:
+        yaml = require("yaml", "--config FILE", "give a run's config.json instead")
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"not valid YAML ({' '.join(str(err).split())})") from None
+    if values is None:  # an empty YAML file
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError("expected a mapping of option names to values")
+    return {str(name).replace("-", "_"): value for name, value in values.items()}
+
+
+def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a --config file as the parser's defaults, each checked as strictly as on
+    the command line: an unknown name, or a value of the wrong type, kind or choice raises
+    ValueError naming it."""
+    actions = {action.dest: action for action in parser._actions}
+    hints = typing.get_type_hints(Config)
+    options = {}
+    for name, value in read_options_file(path).items():
+        if name not in hints or name not in actions or name == "config_file":
+            raise ValueError(f"unknown option {name!r}")
+        action = actions[name]
+        if isinstance(value, str) and callable(action.type):  # as on the command line: "32,64"
+            try:
+                value = action.type(value)
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"{name}: {err}") from None
+        value = _typed(value, hints[name], name)
+        if value is not None and isinstance(action.type, Kind) and not action.type.accepts(value):
+            raise ValueError(f"{name}: expected {action.type.expected}, got {value!r}")
+        if value is not None and action.choices and value not in action.choices:
+            raise ValueError(f"{name}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+        options[name] = value
+    return options
+
+
+def options_given(argv: list[str]) -> dict:
+    """The options as given, for the run record beside the resolved ones: the command line,
+    and the --config file's options."""
+    path = config_file_in(argv)
+    return {"command_line": list(argv), "config_file": path,
+            "config_file_options": read_options_file(path) if path else None}
+
+
 def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Iterable[str],
                  datasets: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
     parser = build_parser(schedules, trackers, datasets)
+    path = config_file_in(argv)
+    if path:
+        try:
+            parser.set_defaults(**file_options(parser, path))
+        except (ValueError, MissingPackage) as err:
+            parser.error(f"--config {path}: {err}")
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),
@@ -414,6 +559,10 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
     if config.resume and config.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite replaces it: "
                      "choose one")
+    if config.warmup_steps and config.schedule == "onecycle":
+        parser.error("--schedule onecycle warms up by itself: drop --warmup-steps, or use --schedule cosine")
+    if config.momentum != defaults.momentum and config.optimizer != "sgd":
+        parser.error(f"--momentum is SGD's: add --optimizer sgd (now {config.optimizer})")
     mode = os.environ.get("WANDB_MODE")
     if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
         parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
@@ -424,4 +573,8 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
             f"--batch-size {config.batch_size} must be a multiple of the {world_size} processes "
             "(it is the global batch, split evenly over them)"
         )
+    per_process_batch = config.batch_size // world_size
+    if per_process_batch % config.accumulate:
+        parser.error(f"--accumulate {config.accumulate} must divide each process's share of the batch, "
+                     f"{per_process_batch} (--batch-size {config.batch_size} over {world_size} process(es))")
     return config

@@ -7,8 +7,10 @@ Adding a schedule is one entry in SCHEDULES; the command line offers every entry
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +19,81 @@ from accelerate.utils import set_seed
 
 from dist_resnet import data, distributed
 from dist_resnet.config import Config
+from dist_resnet.ema import WeightEMA
 from dist_resnet.metrics import Evaluation, deduplicate
 from dist_resnet.model import ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
+
+
+
+class Warmup:
+    """The learning-rate factor of optimizer step t + 1 (t = 0 .. total - 1; LambdaLR's
+    last_epoch is t): a linear warmup (t + 1) / (warmup + 1) for t < warmup, reaching 1 at
+    t = warmup, then 1 (constant) or the cosine 0.5 * (1 + cos(pi * (t - warmup) / (total - warmup))).
+    A callable object rather than a lambda: LambdaLR saves its attributes in the scheduler's
+    state, so that resume sees (and refuses) a schedule of another length or warmup."""
+
+    def __init__(self, warmup: int, total: int, cosine: bool):
+        self.warmup, self.total, self.cosine = warmup, total, cosine
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup:
+            return (t + 1) / (self.warmup + 1)
+        if not self.cosine:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (t - self.warmup) / (self.total - self.warmup)))
+
+
+def warmup_steps(config: Config, total_steps: int) -> int:
+    """--warmup-steps as a count: N steps, or a fraction (< 1) of all steps."""
+    value = config.warmup_steps
+    steps = round(value * total_steps) if value < 1 else int(value)
+    if steps >= total_steps:
+        raise RecipeError(f"--warmup-steps {value:g} is {steps} steps, not fewer than the run's "
+                          f"{total_steps}: lower it")
+    return steps
+
+
+def _warmup_then(cosine: bool):
+    def make(optimizer, config: Config, total_steps: int):
+        warmup = warmup_steps(config, total_steps)
+        if warmup == 0 and not cosine:
+            return None  # a constant learning rate needs no scheduler (and the default run has none)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, Warmup(warmup, total_steps, cosine))
+    return make
+
 
 # name -> (optimizer, config, total optimizer steps) -> a scheduler stepped once per
 # optimizer step, or None for a constant learning rate.
 SCHEDULES: dict[str, Callable] = {
-    "constant": lambda optimizer, config, total_steps: None,
+    "constant": _warmup_then(cosine=False),
     "onecycle": lambda optimizer, config, total_steps: torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps),
+    "cosine": _warmup_then(cosine=True),
 }
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: the same result from the same inputs on a GPU too. cuDNN's autotuning
+    may pick another kernel in each run; some CUDA kernels add up in a racing order (atomics),
+    and cuBLAS needs a fixed workspace for a fixed order (PyTorch's "Reproducibility" notes).
+    The environment variable is read when cuBLAS starts, at the first matrix product, after
+    this."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def make_optimizer(parameters, config: Config, on_gpu: bool) -> torch.optim.Optimizer:
+    """--optimizer. Fused kernels (one for all parameters instead of several per tensor) on CUDA."""
+    if config.optimizer == "adamw":  # its own default decay is 0.01: ours is what was asked for
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=on_gpu)
+    # Passed only when asked for: the default run's optimizer state stays what it was (an int 0).
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
+                               fused=on_gpu, **decay)
+    return torch.optim.Adam(parameters, lr=config.lr, fused=on_gpu, **decay)
 
 
 class NonFiniteLoss(Exception):
@@ -38,6 +105,10 @@ class NonFiniteLoss(Exception):
 
 class TooFewImages(Exception):
     """The global batch does not fit in the training set."""
+
+
+class RecipeError(Exception):
+    """Options that cannot make a run of this length (a warmup as long as the run)."""
 
 
 class Recipe:
@@ -59,6 +130,7 @@ class Recipe:
                                "training images: lower --batch-size")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (--clip-grad)
 
         set_seed(config.seed)  # the initial weights come from the seed, the same on every rank
         net = ResNet(config.widths, self.spec.channels, len(self.spec.class_names))
@@ -68,9 +140,11 @@ class Recipe:
         if config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         on_gpu = accelerator.device.type == "cuda"
-        torch.backends.cudnn.benchmark = on_gpu  # the shapes are fixed: pick the fastest kernels once
-        # Fused Adam: one kernel for all parameters instead of several per tensor (CUDA only).
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=on_gpu)
+        # The shapes are fixed: pick the fastest kernels once (not with --deterministic).
+        torch.backends.cudnn.benchmark = on_gpu and not config.deterministic
+        if config.deterministic:
+            use_deterministic_algorithms()
+        optimizer = make_optimizer(net.parameters(), config, on_gpu)
         # The schedule steps once per optimizer step, so it is not handed to accelerate.prepare
         # (whose wrapper steps it once per process).
         self.scheduler = SCHEDULES[config.schedule](optimizer, config, self.total_steps)
@@ -80,13 +154,14 @@ class Recipe:
         # unwrap_model (keep_torch_compile=True) re-points a compiled module's _orig_mod at the
         # model inside DDP, and the steps after that would silently skip the gradient all-reduce.
         self.forward = torch.compile(self.model, mode=config.compile_mode) if config.compile else self.model
+        self.ema = WeightEMA(self.net, config.ema) if config.ema else None
         self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
 
     def state(self) -> dict:
         """Everything a checkpoint restores besides the random generators: name -> an object
         with state_dict() and load_state_dict()."""
         parts = {"model": self.net, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "scaler": self.accelerator.scaler}
+                 "scaler": self.accelerator.scaler, "ema": self.ema}
         return {name: part for name, part in parts.items() if part is not None}
 
     def restart(self) -> None:
@@ -108,18 +183,39 @@ class Recipe:
         return self.step_on(*next(self.train.batches([index])))
 
     def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch of 0-255 pixels. Nothing in it waits for the device."""
+        """One optimizer step on a batch of 0-255 pixels, its forward and backward in
+        --accumulate micro-batches; DDP all-reduces the gradients in the last one only. Nothing
+        in it waits for the device. The loss (the batch's mean) stays on the device."""
+        parts = [(x, y) for x, y in zip(images.tensor_split(self.config.accumulate),
+                                        labels.tensor_split(self.config.accumulate)) if len(y)]
+        loss = None
+        for number, (part_images, part_labels) in enumerate(parts, 1):
+            with nullcontext() if number == len(parts) else self.accelerator.no_sync(self.model):
+                part_loss = self.backward_on(part_images, part_labels, share=len(part_labels) / len(labels))
+            loss = part_loss if loss is None else loss + part_loss
+        if self.config.clip_grad:  # unscales fp16 gradients first; the norm stays on the device
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float) -> torch.Tensor:
+        """Forward and backward of a micro-batch that is `share` of the step's batch (all of
+        it, 1, without --accumulate): its loss is weighted by its share, so the gradients add
+        up to the batch's. Returns the weighted loss, detached."""
         if self.config.augment:
             images = self.spec.augment(images)
         if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.forward(self.spec.normalize(images, channels_last=self.config.channels_last))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        if share != 1:
+            loss = loss * share
         self.accelerator.backward(loss)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     @property
@@ -128,11 +224,14 @@ class Recipe:
 
     def recalibrate(self, batches) -> None:
         """--bn-recalibrate: BatchNorm statistics from the first batches of `batches`, not the
-        lagging running averages (every rank takes part: SyncBatchNorm all-reduces)."""
+        lagging running averages (every rank takes part: SyncBatchNorm all-reduces). With --ema,
+        the average's statistics too, for the average's weights: averaged statistics describe
+        none of the weights they were averaged with."""
         if self.config.bn_recalibrate:
-            recalibrate_batchnorm(self.net, [
-                self.spec.normalize(images, channels_last=self.config.channels_last)
-                for images, _ in self.train.batches(batches[:self.config.bn_recalibrate])])
+            inputs = [self.spec.normalize(images, channels_last=self.config.channels_last)
+                      for images, _ in self.train.batches(batches[:self.config.bn_recalibrate])]
+            for model in (self.net, *([self.ema.model] if self.ema is not None else [])):
+                recalibrate_batchnorm(model, inputs)
 
     def evaluate(self, test) -> Evaluation:
         distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics
@@ -144,6 +243,12 @@ class Recipe:
         return {"widths": list(self.config.widths), "channels": spec.channels, "classes": len(spec.class_names),
                 "dataset": spec.name, "class_names": list(spec.class_names), "image_size": list(spec.size),
                 "mean": list(spec.mean), "std": list(spec.std)}
+
+    def evaluate_ema(self, test) -> Evaluation:
+        """The weight average's evaluation (--ema). Its parameters are the same on every rank;
+        its BatchNorm buffers average each rank's own, so rank 0's are used, as for the model."""
+        distributed.broadcast_buffers(self.ema.model)
+        return evaluate(self.ema.model, test, self.accelerator, self.per_process_batch)
 
 
 @torch.no_grad()

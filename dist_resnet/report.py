@@ -26,9 +26,11 @@ class FinalReport:
     test_images: object  # [i] -> test image i, uint8 [C, H, W] on the host
 
 
-def write_report(evaluation: Evaluation, directory: Path) -> tuple[str, dict]:
-    """classification_report.txt and .json (scikit-learn's output_dict form) in directory."""
+def write_report(evaluation: Evaluation, directory: Path, title: str | None = None) -> tuple[str, dict]:
+    """classification_report.txt and .json (scikit-learn's output_dict form) in directory; the
+    text starts with title, where given (which weights it describes)."""
     text, table = evaluation.report()
+    text = text if title is None else f"{title}\n\n{text}"
     files.write_atomic(Path(directory) / "classification_report.txt", text)
     files.write_atomic(Path(directory) / "classification_report.json", json.dumps(table, indent=2))
     return text, table

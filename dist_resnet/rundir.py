@@ -30,7 +30,8 @@ RECORD = "config.json"
 # what marks a directory as a run's, and what --overwrite deletes.
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
-             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval")
+             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors",
+             "model-best.safetensors", "profile-trace.json", "profile-ops.txt")
 
 
 class RunDirError(Exception):
@@ -60,15 +61,18 @@ class Facts:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """config.json: the run's id, its options and its facts, as one flat JSON object."""
+    """config.json: the run's id, its options (as resolved) and its facts, as one flat JSON
+    object, and the options as given (config.options_given: the command line and the --config
+    file's options) under "options_given", where known (records before it lack it)."""
 
     run_id: str
     config: Config
     facts: Facts
+    given: dict | None = None
 
     def write(self, directory: Path) -> None:
         values = {"format": FORMAT, "run_id": self.run_id, **self.config.to_dict(),
-                  **dataclasses.asdict(self.facts)}
+                  **dataclasses.asdict(self.facts), **({"options_given": self.given} if self.given else {})}
         files.write_atomic(directory / RECORD, json.dumps(values, indent=2) + "\n")
 
     def flat(self) -> dict:
@@ -84,7 +88,7 @@ class RunRecord:
             raise RunDirError(str(err)) from None
         option_names = {f.name for f in dataclasses.fields(Config)}
         fact_names = {f.name for f in dataclasses.fields(Facts)}
-        unknown = values.keys() - option_names - fact_names - {"format", "run_id"}
+        unknown = values.keys() - option_names - fact_names - {"format", "run_id", "options_given"}
         try:
             if unknown:
                 raise ValueError(f"unknown {', '.join(sorted(unknown))}")
@@ -101,7 +105,8 @@ class RunRecord:
                 raise ValueError(f"{', '.join(wrong)} out of range")
         except ValueError as err:
             raise RunDirError(f"{path}: damaged ({err})") from None
-        return cls(values["run_id"], config, facts)
+        given = values.get("options_given")
+        return cls(values["run_id"], config, facts, given if isinstance(given, dict) else None)
 
 
 def new_run_id() -> str:

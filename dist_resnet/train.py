@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dist_resnet import (checkpoint, cli, data, datasets, distributed, files, provenance, recipe, report, rundir,
-                         tracking)
-from dist_resnet.config import Config, ExitCode, parse_config
+from dist_resnet import (best, checkpoint, cli, data, datasets, distributed, files, profiling, provenance, recipe,
+                         report, rundir, tracking)
+from dist_resnet.config import Config, ExitCode, options_given, parse_config
 from dist_resnet.model import CARD_KEY, count_parameters
 
 PROG = "dist_resnet/train.py"
+EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
+BEST_WEIGHTS = "model-best.safetensors"  # --keep-best: the weights of the best evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -31,10 +33,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
     accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
                                     timeout_s=config.dist_timeout)
-    run = Run(config, accelerator)
+    run = Run(config, accelerator, options_given(argv))
     try:
         run.start()
         return train(run)
@@ -77,11 +80,12 @@ class Run:
     """One training run's state on one rank: its output directory, data, recipe, position in
     training, metrics file, plots and trackers. Rank 0 alone writes run files and tracks."""
 
-    def __init__(self, config: Config, accelerator):
-        self.config, self.accelerator = config, accelerator
+    def __init__(self, config: Config, accelerator, given: dict | None = None):
+        self.config, self.accelerator, self.given = config, accelerator, given
         self.is_main = accelerator.is_main_process
-        self.lock = self.trackers = self.plots = self.bar = None
+        self.lock = self.trackers = self.plots = self.bar = self.profiler = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
+        self.ema_evaluation = None
         self.metrics_failed = False
 
     # ---- start ----------------------------------------------------------------------------
@@ -103,12 +107,15 @@ class Run:
 
         train_data, self.test_data = self.together(self._load_data)
         self.recipe = self.together(lambda: recipe.Recipe(config, self.accelerator, train_data))
+        self.best = (best.Best(config.keep_best or "test_acc") if config.keep_best or config.early_stop
+                     else None)
         meta = self._resume(claim)
         self.step = meta.step if meta else 0
         self.window = recipe.LossWindow(self.accelerator, meta.window if meta else None)
         self.test_images_host = self.test_data.host_images  # for the plots
         self.together(lambda: self._start_logging(claim, meta), main_only=True)
         self._announce(meta)
+        self.profiler = profiling.StepProfiler(self.output_dir, config.profile and self.is_main, say=self.say)
 
     def _claim(self, config: Config) -> rundir.Claim:
         checkpoint_run_id = None
@@ -157,7 +164,7 @@ class Run:
                 return None
         else:
             candidates = [Path(config.resume)]
-        return checkpoint.resume(self.accelerator, candidates, self.recipe.state(), config,
+        return checkpoint.resume(self.accelerator, candidates, self.checkpoint_parts(), config,
                                  self.recipe.total_steps, warn=self.say)
 
     def _start_logging(self, claim: rundir.Claim, meta) -> None:
@@ -169,7 +176,7 @@ class Run:
             num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.train),
             test_size=len(self.test_data), steps_per_epoch=recipe_.steps_per_epoch,
             started=claim.continues.facts.started if claim.continues else _now(),
-            provenance=provenance.describe(self.accelerator.device.type)))
+            provenance=provenance.describe(self.accelerator.device.type)), self.given)
         # Trackers before the record: one that cannot start leaves the directory as it was,
         # free for a retry; the run --overwrite replaces is back in place then.
         with rundir.replacing(self.output_dir, claim.replaces):
@@ -232,18 +239,23 @@ class Run:
         continues at the next batch (streamed, the batches before it are never read)."""
         first_epoch, skip = divmod(self.step, self.recipe.steps_per_epoch)
         for epoch in range(first_epoch, self.config.epochs):
+            if self.stopping_early():
+                return
             self.batches = self.recipe.batches(epoch)
             yield from self.recipe.train.batches(self.batches[skip:])
             skip = 0
 
     def count(self, loss: torch.Tensor, batch_len: int) -> None:
         self.step += 1
+        self.profiler.step()
         self.window.add(loss, batch_len * self.accelerator.num_processes)
         self.bar.update()
         if self.step % self.config.log_every == 0 or self.at_epoch_end():  # the loop's one device sync
             train_loss, images_per_s = self.window.collect(self.step)
+            # This step's norm before clipping: the same on every rank (gradients are all-reduced).
+            clipping = {} if self.recipe.grad_norm is None else {"grad_norm": self.recipe.grad_norm.item()}
             self.log("train", self.step / self.recipe.steps_per_epoch, train_loss=train_loss,
-                     lr=self.recipe.lr, images_per_s=images_per_s)
+                     lr=self.recipe.lr, images_per_s=images_per_s, **clipping)
             self.bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
 
     def at_epoch_end(self) -> bool:
@@ -255,12 +267,57 @@ class Run:
             return
         self.recipe.recalibrate(self.batches)
         self.evaluation, self.evaluated_at = self.recipe.evaluate(self.test_data), self.step
-        self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss)
+        self.log("eval", epoch, test_acc=self.evaluation.accuracy, test_loss=self.evaluation.loss,
+                 **self.evaluate_ema())
+        self.track_best()
         if self.is_main:
             self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records())
             self.say(f"epoch {epoch}/{self.config.epochs}: test accuracy {self.evaluation.accuracy:.4f}, "
-                     f"loss {self.evaluation.loss:.4f}")
+                     f"loss {self.evaluation.loss:.4f}" + self.ema_summary())
         self.window.restart_clock()  # evaluation time is not training throughput
+
+    def checkpoint_parts(self) -> dict:
+        """What a checkpoint saves and resume restores: the recipe's state, and the best
+        evaluation so far (--keep-best, --early-stop)."""
+        return {**self.recipe.state(), **({"best": self.best} if self.best else {})}
+
+    def track_best(self) -> None:
+        """--keep-best: the weights of an evaluation better than every one before, written
+        atomically by rank 0, with the step and value in the file's metadata."""
+        if self.best is None or not self.best.update({"test_acc": self.evaluation.accuracy,
+                                                      "test_loss": self.evaluation.loss}, self.step):
+            return
+        if self.config.keep_best:
+            def write():
+                path = self.output_dir / BEST_WEIGHTS
+                try:
+                    files.write_atomic(path, checkpoint.tensor_bytes(self.recipe.net.state_dict(), {
+                        "step": str(self.step), "metric": self.best.metric, "value": repr(self.best.value),
+                        **self.card()}))
+                except OSError as err:
+                    raise rundir.CannotWrite(f"cannot write the best weights {path} ({err.strerror or err})") from None
+            self.together(write, main_only=True)
+
+    def stopping_early(self) -> bool:
+        """--early-stop K: K evaluations without improvement. Every rank has the same record
+        (from the same gathered evaluations), so all stop at the same epoch."""
+        if not (self.config.early_stop and self.best.since >= self.config.early_stop):
+            return False
+        self.say(f"stopping early at step {self.step}: {self.best.since} evaluation(s) without a better "
+                 f"{self.best.metric} than {self.best.value:.4f} (step {self.best.step})")
+        return True
+
+    def evaluate_ema(self) -> dict:
+        """--ema: the weight average's evaluation, as metrics beside the model's."""
+        if self.recipe.ema is None:
+            return {}
+        self.ema_evaluation = self.recipe.evaluate_ema(self.test_data)
+        return {"test_acc_ema": self.ema_evaluation.accuracy, "test_loss_ema": self.ema_evaluation.loss}
+
+    def ema_summary(self) -> str:
+        if self.recipe.ema is None:
+            return ""
+        return f"; EMA weights: accuracy {self.ema_evaluation.accuracy:.4f}, loss {self.ema_evaluation.loss:.4f}"
 
     def log(self, event: str, epoch: float, **values) -> None:
         if self.is_main:
@@ -288,7 +345,7 @@ class Run:
         final = self.step == self.recipe.total_steps
         weights_error = self.save_weights(raise_error=False) if final else None
         try:
-            saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.recipe.state(),
+            saved = checkpoint.save(self.accelerator, self.output_dir, meta, self.checkpoint_parts(),
                                     self.config.keep_checkpoints, model_metadata=self.card())
         except checkpoint.CheckpointWriteError as err:
             if final:
@@ -309,6 +366,9 @@ class Run:
             try:
                 files.write_atomic(self.output_dir / "model.safetensors",
                                    checkpoint.tensor_bytes(self.recipe.net.state_dict(), self.card()))
+                if self.recipe.ema is not None:
+                    files.write_atomic(self.output_dir / EMA_WEIGHTS,
+                                       checkpoint.tensor_bytes(self.recipe.ema.model.state_dict(), self.card()))
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
                                          f"({err.strerror or err})") from None
@@ -340,6 +400,7 @@ class Run:
         yet), then the report, plots and trackers from the final evaluation."""
         if self.evaluated_at != self.step:  # resumed from the final checkpoint: nothing was trained
             self.evaluation = self.recipe.evaluate(self.test_data)
+            self.evaluate_ema()
         if self.weights_at != self.step:
             self.save_weights()
         self.together(self._report, main_only=True)
@@ -349,7 +410,11 @@ class Run:
 
     def _report(self) -> None:
         try:
-            text, table = report.write_report(self.evaluation, self.output_dir)
+            # With --ema two sets of weights exist: the report names the one it describes.
+            title = None if self.recipe.ema is None else (
+                "Weights: model.safetensors (the raw weights; the EMA weights, " + EMA_WEIGHTS
+                + f", reach accuracy {self.ema_evaluation.accuracy:.4f})")
+            text, table = report.write_report(self.evaluation, self.output_dir, title)
         except OSError as err:
             raise rundir.CannotWrite(f"cannot write the classification report in {self.output_dir} "
                                      f"({err.strerror or err}); the final weights are saved") from None
@@ -365,6 +430,8 @@ class Run:
             sys.stdout.flush()
 
     def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         if self.bar is not None:
             self.bar.close()
         if self.plots is not None:

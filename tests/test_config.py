@@ -114,7 +114,7 @@ def test_a_schedule_is_one_entry_in_recipe_schedules(monkeypatch):
     """The extension point: --schedule offers whatever recipe.SCHEDULES holds."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
-        parse_config(["--schedule", "cosine"])
-    monkeypatch.setitem(recipe.SCHEDULES, "cosine", lambda optimizer, config, total_steps:
+        parse_config(["--schedule", "cosine-annealing"])
+    monkeypatch.setitem(recipe.SCHEDULES, "cosine-annealing", lambda optimizer, config, total_steps:
                         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps))
-    assert parse_config(["--schedule", "cosine"]).schedule == "cosine"
+    assert parse_config(["--schedule", "cosine-annealing"]).schedule == "cosine-annealing"

@@ -150,6 +150,10 @@ def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, d
     table = run([sys.executable, PREDICT_PY, "--weights", weights, image])
     assert table.stdout.splitlines()[0].split()[:2] == ["file", "class"] and row["class"] in table.stdout
 
+    exported = run([sys.executable, "-m", "dist_resnet.export", weights, "--data-dir", data_dirs["cifar10"],
+                    "--check-images", "64", "--output", tmp_path / "cifar.onnx"])
+    assert exported.returncode == 0 and "on 64 test images" in exported.stdout, describe(exported)
+
     for command in ([PREDICT_PY, "--weights", weights, image, "--dataset", "mnist"],
                     [EVALUATE_PY, weights, "--dataset", "mnist", "--data-dir", data_dirs["cifar10"]]):
         assert_one_line_error(run([sys.executable, *command]), 2, "was trained on cifar10, not --dataset mnist")

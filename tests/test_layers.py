@@ -7,9 +7,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dist_resnet"
-FOUNDATIONS = {"config", "model", "data", "images", "metrics", "distributed", "files", "plots", "provenance"}
+FOUNDATIONS = {"config", "model", "data", "images", "metrics", "distributed", "files", "plots", "provenance",
+               "ema", "best", "profiling"}
 SERVICES = {"recipe", "checkpoint", "rundir", "tracking", "report", "datasets"}
-COMMANDS = {"cli", "train", "evaluate", "predict", "bench"}
+COMMANDS = {"cli", "train", "evaluate", "predict", "bench", "export"}
 
 
 def imports_of(module: str) -> set[str]:

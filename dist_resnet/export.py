@@ -1,0 +1,137 @@
+"""Export trained weights as ONNX, for use outside PyTorch (onnxruntime, TensorRT, a browser),
+and check the file: onnxruntime runs it on test images of the data set it was trained on, and
+its predictions must be PyTorch's and its logits within LOGIT_TOLERANCE of them.
+
+    python -m dist_resnet.export runs/NAME [--output model.onnx] [--data-dir ./data]
+
+The ONNX graph takes uint8 pixels [N, C, H, W] (0-255, any N; for MNIST [N, 1, 28, 28], what
+its files hold) and returns the logits [N, classes]: the normalisation is inside the graph.
+"""
+
+import io
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_resnet import cli, data, datasets, files
+from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
+from dist_resnet.model import load_model, read_card, weights_path
+
+PROG = "dist_resnet/export.py"
+OPSET = 17
+# Largest absolute difference allowed between onnxruntime's and PyTorch's logits (float32; the
+# two add up the same products in another order).
+LOGIT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Options:
+    weights: Path
+    output: Path | None
+    data_dir: str
+    check_images: int
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = Parser(PROG, __doc__.split("\n\n")[0])
+    parser.add_argument("weights", type=Path,
+                        help="a model.safetensors file (model-ema.safetensors, model-best.safetensors too), "
+                        "a run's output directory or a checkpoint directory holding one")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the ONNX file to write (default: model.onnx beside the weights file)")
+    parser.add_argument("--data-dir", default="./data",
+                        help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the check")
+    parser.add_argument("--check-images", type=positive(int), default=1000, metavar="N",
+                        help="check the ONNX file on the first N test images")
+    return Options(**vars(parser.parse_args(argv)))
+
+
+class Pixels(torch.nn.Module):
+    """The model on uint8 pixels, normalised as in training (MNIST's, by default)."""
+
+    def __init__(self, model: torch.nn.Module, mean=(data.MEAN,), std=(data.STD,)):
+        super().__init__()
+        self.model, self.mean, self.std = model, tuple(mean), tuple(std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(data.normalize(images, mean=self.mean, std=self.std))
+
+
+def onnx_bytes(model: torch.nn.Module, spec: data.DataSpec = data.MNIST_SPEC) -> bytes:
+    """The ONNX file of the model in eval mode, its batch dimension dynamic. The TorchScript
+    exporter: the newer dynamo one needs the onnxscript package as well."""
+    buffer = io.BytesIO()
+    example = torch.zeros(2, spec.channels, *spec.size, dtype=torch.uint8)
+    with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, see above
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Pixels(model, spec.mean, spec.std).eval(), (example,), buffer, dynamo=False,
+                          opset_version=OPSET,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    return buffer.getvalue()
+
+
+class CheckFailed(Exception):
+    """onnxruntime does not give PyTorch's results."""
+
+
+def check(content: bytes, model: torch.nn.Module, images: torch.Tensor,
+          spec: data.DataSpec = data.MNIST_SPEC) -> float:
+    """The largest logit difference between onnxruntime and PyTorch on images; CheckFailed
+    if a prediction differs or a logit is further off than LOGIT_TOLERANCE."""
+    onnxruntime = require("onnxruntime", "checking the ONNX file", "pip install 'dist_resnet[export]'")
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.no_grad():
+        expected = Pixels(model, spec.mean, spec.std).eval()(images).numpy()
+    difference = float(np.abs(got - expected).max())
+    differing = int((got.argmax(1) != expected.argmax(1)).sum())
+    if differing or not difference <= LOGIT_TOLERANCE:
+        raise CheckFailed(f"onnxruntime differs from PyTorch on {len(images)} test images: {differing} "
+                          f"prediction(s), logits by up to {difference:.3g} (tolerance {LOGIT_TOLERANCE:g})")
+    return difference
+
+
+def test_images(args: Options) -> tuple[torch.Tensor, data.DataSpec]:
+    """The first --check-images test images of the data set the weights file names (MNIST for
+    a file that names none), at the size and with the normalisation it was trained with."""
+    card = read_card(weights_path(args.weights)) or {}
+    name, size = card.get("dataset", "mnist"), card.get("image_size")
+    if name not in datasets.DATASETS:
+        raise datasets.DataError(f"{args.weights}: trained on {name!r}, which this version does not know")
+    options = datasets.Options(args.data_dir, image_size=size[0] if size and size[0] == size[1] else None)
+    datasets.DATASETS[name].fetch(options)
+    _, test = datasets.open_splits(name, options, test_limit=args.check_images)
+    test = datasets.with_normalisation(test, tuple(card.get("mean", ())) or None, tuple(card.get("std", ())) or None)
+    images, _ = test.load_all()
+    return images, test.spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load_model(args.weights, WIDTHS.accepts).eval()
+        images, spec = test_images(args)
+        content = onnx_bytes(model, spec)
+        difference = check(content, model, images, spec)
+    except CheckFailed as err:
+        return cli.fail(PROG, err, code=ExitCode.FAILED)
+    except cli.USER_ERROR_TYPES as err:
+        return cli.fail(PROG, err)
+    weights = args.weights / "model.safetensors" if args.weights.is_dir() else args.weights
+    output = args.output or weights.with_name("model.onnx")
+    try:
+        files.write_atomic(output, content)
+    except OSError as err:
+        return cli.fail(PROG, f"cannot write {output} ({err.strerror or err})", code=ExitCode.CANNOT_WRITE)
+    print(f"wrote {output}: onnxruntime gives PyTorch's predictions on {len(images)} test images, "
+          f"logits within {difference:.2g} (tolerance {LOGIT_TOLERANCE:g})")
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The export command, as a user runs it: ONNX from a weights file, checked by onnxruntime."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import assert_one_line_error, describe, run
+from dist_resnet import data, export
+from dist_resnet.model import load_model
+from dist_resnet.model import ResNet
+from dist_worker import WIDTHS, fixed_model
+
+EXPORT_PY = Path(export.__file__)
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    path = tmp_path / "run" / "model.safetensors"
+    path.parent.mkdir()
+    save_file(fixed_model().state_dict(), path)
+    return path
+
+
+def test_export_writes_onnx_that_predicts_as_pytorch(weights, mnist_dir):
+    result = run([sys.executable, EXPORT_PY, weights.parent, "--data-dir", mnist_dir, "--check-images", "200"])
+    assert result.returncode == 0, describe(result)
+    onnx_file = weights.with_name("model.onnx")
+    assert f"wrote {onnx_file}: onnxruntime gives PyTorch's predictions on 200 test images" in result.stdout
+    # Checked again here, independently, on every test image and a batch size not exported with.
+    images, _ = data.load_split(mnist_dir, "test")
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = load_model(weights, lambda widths: True).eval()(data.normalize(images)).numpy()
+    assert logits.shape == (len(images), 10)
+    assert np.array_equal(logits.argmax(1), expected.argmax(1))
+    assert np.abs(logits - expected).max() <= export.LOGIT_TOLERANCE
+
+
+def test_the_check_fails_on_an_onnx_file_of_other_weights(mnist_dir):
+    torch.manual_seed(7)
+    other = ResNet(WIDTHS).eval()
+    images, _ = data.load_split(mnist_dir, "test", 100)
+    with pytest.raises(export.CheckFailed, match="onnxruntime differs from PyTorch"):
+        export.check(export.onnx_bytes(other), fixed_model(), images)
+
+
+def test_missing_weights_are_one_line_and_exit_2(tmp_path, mnist_dir):
+    result = run([sys.executable, EXPORT_PY, tmp_path / "nothing.safetensors", "--data-dir", mnist_dir])
+    assert_one_line_error(result, 2, "no such weights file")
+    assert not list(tmp_path.iterdir())
