@@ -79,6 +79,7 @@ class Config:
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
+    stop_check_every: int = 1  # steps between the ranks' agreements on a stop signal
     # checkpoints and the output directory
     checkpoint_every: int = 0  # steps between checkpoints within an epoch (0: epoch ends only)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
@@ -234,6 +235,7 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "epochs": positive(int, 10**6), "batch_size": positive(int), "lr": positive(float),
          "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
+         "stop_check_every": positive(int),
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
@@ -325,6 +327,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str]) -> Parser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--dist-timeout", type=KINDS["dist_timeout"], default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
+    p.add_argument("--stop-check-every", type=KINDS["stop_check_every"], default=defaults.stop_check_every,
+                   help="agree on stop signals every N steps, in the background: a signal stops the run "
+                   "within 2N steps; raise N when a host all-reduce takes longer than a step")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=defaults.checkpoint_every,
                    help="also checkpoint every N steps within an epoch (0: only at epoch ends)")
     p.add_argument("--keep-checkpoints", type=KINDS["keep_checkpoints"], default=defaults.keep_checkpoints,

@@ -123,7 +123,15 @@ def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
 class StopRequest:
     """SIGUSR1, SIGTERM (what Slurm sends before a time limit and on preemption) or a first
     Ctrl-C (SIGINT) asks the run to stop; every rank learns of it at the same step, through
-    agreed(), which the training loop calls once a step.
+    agreed(step), which the training loop calls once a step.
+
+    The ranks agree without waiting for each other: every `every` steps each rank starts an
+    all-reduce of its flag in the background (gloo's own thread) and reads the one it started
+    `every` steps before, long finished by then. A step never waits for a host round trip
+    (docs/scaling.md measures both ways), and every rank reads the same result at the same
+    step. The price is latency: a signal stops the run at most 2 x `every` steps after the
+    step it arrived in (the step after it, with every=1). A single process stops after the
+    step it arrived in.
 
     The handlers are installed only while the loop runs (`with stop.handling():`): outside
     it nothing polls the flag, so a signal there ends the process as usual instead of being
@@ -134,9 +142,11 @@ class StopRequest:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, announce=None):
+    def __init__(self, announce=None, every: int = 1):
         self.signum, self.since = 0, 0.0
         self.announce = announce  # called with a line to print when a first signal arrives
+        self.every = every
+        self.pending = None  # (flag tensor, the all-reduce started on it) not yet read
 
     @contextmanager
     def handling(self):
@@ -165,6 +175,25 @@ class StopRequest:
                 self.announce(f"\n{signal.Signals(signum).name}: stopping after this step with a "
                               "checkpoint" + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
-    def agreed(self) -> int:
-        """The signal number if any rank received one, else 0 (a collective when distributed)."""
-        return any_rank(self.signum)
+    def agreed(self, step: int) -> int:
+        """The signal number if any rank had received one by the check before this one, else 0;
+        the same on every rank at the same step. Every rank calls it once a step."""
+        if not is_distributed():
+            return self.signum
+        if step % self.every:
+            return 0
+        signum = self.settle()
+        if not signum:  # once agreed, the loop stops: no new all-reduce is left in flight
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            self.pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group, async_op=True))
+        return signum
+
+    def settle(self) -> int:
+        """Wait for the all-reduce in flight, if any, and return its result (0 when none).
+        The loop calls it when it ends, so that no collective is in flight at teardown."""
+        if self.pending is None:
+            return 0
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
+        return int(flag.item())

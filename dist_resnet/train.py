@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(run: "Run") -> int:
     """The loop: a step, its bookkeeping, an evaluation at epoch ends, a checkpoint when one is
     due or a stop was asked for, and the stop itself, agreed by every rank at the same step."""
-    stop = distributed.StopRequest(announce=run.say)
+    stop = distributed.StopRequest(announce=run.say, every=run.config.stop_check_every)
     with stop.handling():  # till the end: a stop asked for during the report changes nothing
         with run.progress_bar():
             for index in run.remaining_batches():
@@ -60,11 +60,12 @@ def train(run: "Run") -> int:
                 run.count(loss, len(index))  # loss window and progress; logs every --log-every steps
                 if run.at_epoch_end():
                     run.evaluate_if_due()
-                signum = stop.agreed()  # 0, or the signal any rank received
+                signum = stop.agreed(run.step)  # 0, or the signal any rank had received a check ago
                 if signum or run.checkpoint_due():
                     run.checkpoint()
                 if signum:
                     return run.stopped(signum)
+        stop.settle()  # the last check's all-reduce: none may be in flight at teardown
         return run.finish()
 
 
