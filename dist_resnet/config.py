@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     NON_FINITE = 3  # the training loss became NaN or infinite
     CANNOT_WRITE = 4  # an output could not be written (permissions, disk full, path)
     TRACKER = 5  # W&B or TensorBoard could not start
+    RENDEZVOUS = 6  # the processes did not all join within --dist-timeout
     INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
 
 

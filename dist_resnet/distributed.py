@@ -2,9 +2,12 @@
 on which ranks agree, and the signals that ask a run to stop."""
 
 import os
+import re
 import signal
+import socket
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -28,19 +31,65 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
     instead of joining a gloo group.
     """
     global _host_group
-    accelerator = Accelerator(
-        cpu=cpu or not torch.cuda.is_available(),
-        mixed_precision=mixed_precision,
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
-            DistributedDataParallelKwargs(**DDP_OPTIONS),
-        ],
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=cpu or not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            kwargs_handlers=[
+                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+                DistributedDataParallelKwargs(**DDP_OPTIONS),
+            ],
+        )
+    except dist.DistError as err:  # the rendezvous: what init_process_group waits for
+        raise RendezvousError.from_error(err, timeout_s) from None
     if is_distributed():
         # Host-side values (a stop flag, an error message) travel over gloo: on GPUs the default
         # group is NCCL, which would need a device copy and a sync for each of them.
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return accelerator
+
+
+class RendezvousError(Exception):
+    """The processes did not all join the process group within --dist-timeout. `show` is
+    whether this rank should say so: rank 0, which knows how many joined, or a rank that never
+    reached rank 0 (when rank 0 is missing, no one else can say it)."""
+
+    def __init__(self, message: str, show: bool):
+        super().__init__(message)
+        self.show = show
+
+    @classmethod
+    def from_error(cls, err: Exception, timeout_s: float) -> "RendezvousError":
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "?")
+        # The texts of torch's TCPStore: rank 0 counts the clients, the others fail to connect.
+        joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
+        never_reached = rank != "0" and "trying to connect" in str(err)
+        what = (f"{joined[1]} of {joined[2]} processes joined" if joined else
+                f"rank {rank} could not reach rank 0 at {address}" if never_reached else
+                f"rank {rank} lost the rendezvous ({str(err).splitlines()[0]})")
+        return cls(f"the {world_size} processes did not all join within --dist-timeout {timeout_s:g} s: "
+                   f"{what}. Check that every process was started (WORLD_SIZE, the launcher's "
+                   "--num_processes/--num_machines or --nnodes/--nproc-per-node, Slurm's --nodes and "
+                   "--ntasks-per-node), that all use the same MASTER_ADDR and MASTER_PORT "
+                   f"({address}), and that rank 0's host and port are reachable from every node",
+                   show=bool(joined) or rank == "0" or never_reached)
+
+
+def joined() -> str:
+    """The line rank 0 prints once every process has joined: the world size, the hosts and
+    the number of processes on each (a collective when distributed)."""
+    hosts = [socket.gethostname()]
+    if is_distributed():
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname(), group=_host_group)
+    counts = Counter(hosts)  # in rank order: the host of rank 0 first
+    if len(counts) > 8 and len(set(counts.values())) == 1:  # a large job: not every name
+        names = list(counts)
+        on_hosts = f"{next(iter(counts.values()))} on each of {len(counts)} hosts ({names[0]} ... {names[-1]})"
+    else:
+        on_hosts = ", ".join(f"{count} on {host}" for host, count in counts.items())
+    return f"all {len(hosts)} processes joined, {len(counts)} host(s): {on_hosts}"
 
 
 def teardown(accelerator: Accelerator) -> None:

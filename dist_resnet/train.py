@@ -29,8 +29,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
-                                    timeout_s=config.dist_timeout)
+    try:
+        accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                                        timeout_s=config.dist_timeout)
+    except distributed.RendezvousError as err:
+        return cli.fail(PROG, err, show=err.show)
+    if distributed.is_distributed():
+        distributed.print_main(accelerator, distributed.joined())
     run = Run(config, accelerator)
     try:
         run.start()
