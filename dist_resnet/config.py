@@ -386,6 +386,20 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
     if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
         parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
 
+    # An elastic launcher (torchrun --max-restarts K, accelerate launch --max_restarts K)
+    # restarts the whole group when a worker dies; the restarted group continues the run in
+    # --output-dir from its newest complete checkpoint, whatever the first start was told.
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        if config.output_dir is None:
+            parser.error("a launch with restarts (--max-restarts) needs --output-dir: a restarted "
+                         "group continues the run there from its newest checkpoint")
+        if config.resume not in (None, "auto"):
+            # A restart before the new run's first checkpoint would have nothing to continue.
+            parser.error("--resume PATH cannot be combined with restarts (--max-restarts): "
+                         "start from PATH once without restarts, then continue with --resume auto")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        config = dataclasses.replace(config, resume="auto", overwrite=False)
+
     world_size = world_size_from_env()
     if config.batch_size < world_size or config.batch_size % world_size:
         parser.error(

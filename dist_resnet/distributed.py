@@ -32,6 +32,7 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
     """
     global _host_group
     try:
+        _join_restarted_group(cpu, timeout_s)
         accelerator = Accelerator(
             cpu=cpu or not torch.cuda.is_available(),
             mixed_precision=mixed_precision,
@@ -47,6 +48,25 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
         # group is NCCL, which would need a device copy and a sync for each of them.
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return accelerator
+
+
+def _join_restarted_group(cpu: bool, timeout_s: float) -> None:
+    """Under an elastic launcher (torchrun --max-restarts), the processes of a restarted group
+    join through the launcher's store, which still holds the previous attempt's keys: with
+    torch 2.14 the new gloo mesh reads the dead processes' addresses from it and fails
+    ('Connection refused'). Each restart's process group gets keys of its own; Accelerate
+    then uses that group instead of making one."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    timeout = timedelta(seconds=timeout_s)
+    on_gpu = not cpu and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.PrefixStore(f"restart-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 class RendezvousError(Exception):
