@@ -199,7 +199,7 @@ class StopRequest:
     `every` steps before, long finished by then. A step never waits for a host round trip
     (docs/scaling.md measures both ways), and every rank reads the same result at the same
     step. The price is latency: a signal stops the run at most 2 x `every` steps after the
-    step it arrived in (the step after it, with every=1). A single process stops after the
+    step it arrived in (one or two steps, with every=1). A single process stops after the
     step it arrived in.
 
     The handlers are installed only while the loop runs (`with stop.handling():`): outside
