@@ -249,10 +249,14 @@ def read_meta(path: Path, run_config: Config, world_size: int) -> Meta:
         raise IncompatibleCheckpoint(f"{path} was saved with other options than this run's: "
                               f"{'; '.join(mismatches)}. Resume with the same options, or start "
                               "a new run in another --output-dir")
-    if meta.world_size != world_size:
+    # Another process count sees the same batches at the same step (the global batch is split
+    # evenly, data.shard_batches), and the steps of an epoch are ceil(train images / batch) for
+    # any count; with --compile the ragged last batch is dropped from each rank's padded share,
+    # which can leave another number of steps per epoch.
+    if meta.world_size != world_size and run_config.compile:
         raise IncompatibleCheckpoint(f"{path} was written by {meta.world_size} process(es), this run has "
-                              f"{world_size}: resume on {meta.world_size} (another process count is "
-                              "not supported yet)")
+                                     f"{world_size}: with --compile resume on {meta.world_size} (it drops "
+                                     "the ragged last batch, so the epochs may have other steps)")
     return meta
 
 
@@ -261,7 +265,10 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
     meta = read_meta(path, run_config, accelerator.num_processes)
     if meta.step > total_steps:
         raise CheckpointError(f"{path}: step {meta.step} is past this run's {total_steps} steps")
-    parts = ["model.safetensors", "state.safetensors", f"rng-{accelerator.process_index}.safetensors"]
+    # On another process count every rank continues rank 0's random generators. The ranks'
+    # generators start from one seed and draw alike each step, so they are equal anyway.
+    rng_rank = accelerator.process_index if meta.world_size == accelerator.num_processes else 0
+    parts = ["model.safetensors", "state.safetensors", f"rng-{rng_rank}.safetensors"]
     for part in parts:  # a FIFO or a device file would block or never end
         if not (path / part).is_file():
             raise CheckpointError(f"{path}: damaged ({part} is missing or not a regular file)")
@@ -271,7 +278,7 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
             skeleton = json.loads(file.metadata()["state"])
             tensors = {name: file.get_tensor(name) for name in file.keys()}
         state = {name: _join(node, tensors) for name, node in skeleton.items()}
-        rng_path = path / f"rng-{accelerator.process_index}.safetensors"
+        rng_path = path / f"rng-{rng_rank}.safetensors"
         with safe_open(rng_path, framework="pt") as file:
             rng = ({name: file.get_tensor(name) for name in file.keys()},
                    json.loads(file.metadata()["numbers"]))

@@ -7,6 +7,7 @@ import sys
 from dist_resnet.checkpoint import CheckpointError, CheckpointWriteError
 from dist_resnet.config import ExitCode, MissingPackage
 from dist_resnet.data import DataError
+from dist_resnet.distributed import RendezvousError
 from dist_resnet.images import InputError
 from dist_resnet.model import WeightsError
 from dist_resnet.recipe import NonFiniteLoss, RecipeError, TooFewImages
@@ -19,7 +20,7 @@ USER_ERRORS = {
     MissingPackage: ExitCode.BAD_INPUT, TooFewImages: ExitCode.BAD_INPUT, RecipeError: ExitCode.BAD_INPUT,
     NonFiniteLoss: ExitCode.NON_FINITE,
     CannotWrite: ExitCode.CANNOT_WRITE, CheckpointWriteError: ExitCode.CANNOT_WRITE,
-    TrackerError: ExitCode.TRACKER,
+    TrackerError: ExitCode.TRACKER, RendezvousError: ExitCode.RENDEZVOUS,
 }
 USER_ERROR_TYPES = tuple(USER_ERRORS)
 

@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     NON_FINITE = 3  # the training loss became NaN or infinite
     CANNOT_WRITE = 4  # an output could not be written (permissions, disk full, path)
     TRACKER = 5  # W&B or TensorBoard could not start
+    RENDEZVOUS = 6  # the processes did not all join within --dist-timeout
     INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
 
 
@@ -101,6 +102,7 @@ class Config:
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
     dist_timeout: float = 600.0  # seconds a collective may wait before the job fails
+    stop_check_every: int = 1  # steps between the ranks' agreements on a stop signal
     # checkpoints and the output directory
     checkpoint_every: int = 0  # steps between checkpoints within an epoch (0: epoch ends only)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
@@ -145,7 +147,7 @@ class Config:
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers",
                  "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
-                 "keep_best", "early_stop", "profile", "config_file", "deterministic")
+                 "keep_best", "early_stop", "profile", "config_file", "deterministic", "stop_check_every")
 
 
 def from_values(cls, values: dict, source: str):
@@ -281,6 +283,7 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "epochs": positive(int, 10**6), "batch_size": positive(int), "lr": positive(float),
          "label_smoothing": FRACTION, "bn_recalibrate": NON_NEGATIVE, "seed": SEED,
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
+         "stop_check_every": positive(int),
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "image_size": positive(int, 4096),
          "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64"),
@@ -427,6 +430,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
                    "repeats bitwise (slower; an operation without a deterministic kernel fails)")
     p.add_argument("--dist-timeout", type=KINDS["dist_timeout"], default=defaults.dist_timeout,
                    help="seconds a collective operation may wait before the job fails")
+    p.add_argument("--stop-check-every", type=KINDS["stop_check_every"], default=defaults.stop_check_every,
+                   help="agree on stop signals every N steps, in the background: a signal stops the run "
+                   "within 2N steps; raise N when a host all-reduce takes longer than a step")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=defaults.checkpoint_every,
                    help="also checkpoint every N steps within an epoch (0: only at epoch ends)")
     p.add_argument("--keep-checkpoints", type=KINDS["keep_checkpoints"], default=defaults.keep_checkpoints,
@@ -566,6 +572,20 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
     mode = os.environ.get("WANDB_MODE")
     if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
         parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
+
+    # An elastic launcher (torchrun --max-restarts K, accelerate launch --max_restarts K)
+    # restarts the whole group when a worker dies; the restarted group continues the run in
+    # --output-dir from its newest complete checkpoint, whatever the first start was told.
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        if config.output_dir is None:
+            parser.error("a launch with restarts (--max-restarts) needs --output-dir: a restarted "
+                         "group continues the run there from its newest checkpoint")
+        if config.resume not in (None, "auto"):
+            # A restart before the new run's first checkpoint would have nothing to continue.
+            parser.error("--resume PATH cannot be combined with restarts (--max-restarts): "
+                         "start from PATH once without restarts, then continue with --resume auto")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        config = dataclasses.replace(config, resume="auto", overwrite=False)
 
     world_size = world_size_from_env()
     if config.batch_size < world_size or config.batch_size % world_size:

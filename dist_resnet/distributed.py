@@ -2,9 +2,12 @@
 on which ranks agree, and the signals that ask a run to stop."""
 
 import os
+import re
 import signal
+import socket
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -28,19 +31,85 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
     instead of joining a gloo group.
     """
     global _host_group
-    accelerator = Accelerator(
-        cpu=cpu or not torch.cuda.is_available(),
-        mixed_precision=mixed_precision,
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
-            DistributedDataParallelKwargs(**DDP_OPTIONS),
-        ],
-    )
+    try:
+        _join_restarted_group(cpu, timeout_s)
+        accelerator = Accelerator(
+            cpu=cpu or not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            kwargs_handlers=[
+                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+                DistributedDataParallelKwargs(**DDP_OPTIONS),
+            ],
+        )
+    except dist.DistError as err:  # the rendezvous: what init_process_group waits for
+        raise RendezvousError.from_error(err, timeout_s) from None
     if is_distributed():
         # Host-side values (a stop flag, an error message) travel over gloo: on GPUs the default
         # group is NCCL, which would need a device copy and a sync for each of them.
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return accelerator
+
+
+def _join_restarted_group(cpu: bool, timeout_s: float) -> None:
+    """Under an elastic launcher (torchrun --max-restarts), the processes of a restarted group
+    join through the launcher's store, which still holds the previous attempt's keys: with
+    torch 2.14 the new gloo mesh reads the dead processes' addresses from it and fails
+    ('Connection refused'). Each restart's process group gets keys of its own; Accelerate
+    then uses that group instead of making one."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    timeout = timedelta(seconds=timeout_s)
+    on_gpu = not cpu and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.PrefixStore(f"restart-{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+class RendezvousError(Exception):
+    """The processes did not all join the process group within --dist-timeout. `show` is
+    whether this rank should say so: rank 0, which knows how many joined, or a rank that never
+    reached rank 0 (when rank 0 is missing, no one else can say it)."""
+
+    def __init__(self, message: str, show: bool):
+        super().__init__(message)
+        self.show = show
+
+    @classmethod
+    def from_error(cls, err: Exception, timeout_s: float) -> "RendezvousError":
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "?")
+        # The texts of torch's TCPStore: rank 0 counts the clients, the others fail to connect.
+        joined = re.search(r"(\d+)/(\d+) clients joined", str(err))
+        never_reached = rank != "0" and "trying to connect" in str(err)
+        what = (f"{joined[1]} of {joined[2]} processes joined" if joined else
+                f"rank {rank} could not reach rank 0 at {address}" if never_reached else
+                f"rank {rank} lost the rendezvous ({str(err).splitlines()[0]})")
+        return cls(f"the {world_size} processes did not all join within --dist-timeout {timeout_s:g} s: "
+                   f"{what}. Check that every process was started (WORLD_SIZE, the launcher's "
+                   "--num_processes/--num_machines or --nnodes/--nproc-per-node, Slurm's --nodes and "
+                   "--ntasks-per-node), that all use the same MASTER_ADDR and MASTER_PORT "
+                   f"({address}), and that rank 0's host and port are reachable from every node",
+                   show=bool(joined) or rank == "0" or never_reached)
+
+
+def joined() -> str:
+    """The line rank 0 prints once every process has joined: the world size, the hosts and
+    the number of processes on each (a collective when distributed)."""
+    hosts = [socket.gethostname()]
+    if is_distributed():
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname(), group=_host_group)
+    counts = Counter(hosts)  # in rank order: the host of rank 0 first
+    if len(counts) > 8 and len(set(counts.values())) == 1:  # a large job: not every name
+        names = list(counts)
+        on_hosts = f"{next(iter(counts.values()))} on each of {len(counts)} hosts ({names[0]} ... {names[-1]})"
+    else:
+        on_hosts = ", ".join(f"{count} on {host}" for host, count in counts.items())
+    return f"all {len(hosts)} processes joined, {len(counts)} host(s): {on_hosts}"
 
 
 def teardown(accelerator: Accelerator) -> None:
@@ -123,7 +192,15 @@ def print_main(accelerator: Accelerator, *args, **kwargs) -> None:
 class StopRequest:
     """SIGUSR1, SIGTERM (what Slurm sends before a time limit and on preemption) or a first
     Ctrl-C (SIGINT) asks the run to stop; every rank learns of it at the same step, through
-    agreed(), which the training loop calls once a step.
+    agreed(step), which the training loop calls once a step.
+
+    The ranks agree without waiting for each other: every `every` steps each rank starts an
+    all-reduce of its flag in the background (gloo's own thread) and reads the one it started
+    `every` steps before, long finished by then. A step never waits for a host round trip
+    (docs/scaling.md measures both ways), and every rank reads the same result at the same
+    step. The price is latency: a signal stops the run at most 2 x `every` steps after the
+    step it arrived in (one or two steps, with every=1). A single process stops after the
+    step it arrived in.
 
     The handlers are installed only while the loop runs (`with stop.handling():`): outside
     it nothing polls the flag, so a signal there ends the process as usual instead of being
@@ -134,9 +211,11 @@ class StopRequest:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, announce=None):
+    def __init__(self, announce=None, every: int = 1):
         self.signum, self.since = 0, 0.0
         self.announce = announce  # called with a line to print when a first signal arrives
+        self.every = every
+        self.pending = None  # (flag tensor, the all-reduce started on it) not yet read
 
     @contextmanager
     def handling(self):
@@ -165,6 +244,25 @@ class StopRequest:
                 self.announce(f"\n{signal.Signals(signum).name}: stopping after this step with a "
                               "checkpoint" + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
-    def agreed(self) -> int:
-        """The signal number if any rank received one, else 0 (a collective when distributed)."""
-        return any_rank(self.signum)
+    def agreed(self, step: int) -> int:
+        """The signal number if any rank had received one by the check before this one, else 0;
+        the same on every rank at the same step. Every rank calls it once a step."""
+        if not is_distributed():
+            return self.signum
+        if step % self.every:
+            return 0
+        signum = self.settle()
+        if not signum:  # once agreed, the loop stops: no new all-reduce is left in flight
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            self.pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group, async_op=True))
+        return signum
+
+    def settle(self) -> int:
+        """Wait for the all-reduce in flight, if any, and return its result (0 when none).
+        The loop calls it when it ends, so that no collective is in flight at teardown."""
+        if self.pending is None:
+            return 0
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
+        return int(flag.item())

@@ -35,8 +35,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
-    accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
-                                    timeout_s=config.dist_timeout)
+    try:
+        accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                                        timeout_s=config.dist_timeout)
+    except distributed.RendezvousError as err:
+        return cli.fail(PROG, err, show=err.show)
+    if distributed.is_distributed():
+        distributed.print_main(accelerator, distributed.joined())
     run = Run(config, accelerator, options_given(argv))
     try:
         run.start()
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(run: "Run") -> int:
     """The loop: a step, its bookkeeping, an evaluation at epoch ends, a checkpoint when one is
     due or a stop was asked for, and the stop itself, agreed by every rank at the same step."""
-    stop = distributed.StopRequest(announce=run.say)
+    stop = distributed.StopRequest(announce=run.say, every=run.config.stop_check_every)
     with stop.handling():  # till the end: a stop asked for during the report changes nothing
         with run.progress_bar():
             for images, labels in run.remaining_batches():
@@ -68,11 +73,12 @@ def train(run: "Run") -> int:
                 run.count(loss, len(labels))  # loss window and progress; logs every --log-every steps
                 if run.at_epoch_end():
                     run.evaluate_if_due()
-                signum = stop.agreed()  # 0, or the signal any rank received
+                signum = stop.agreed(run.step)  # 0, or the signal any rank had received a check ago
                 if signum or run.checkpoint_due():
                     run.checkpoint()
                 if signum:
                     return run.stopped(signum)
+        stop.settle()  # the last check's all-reduce: none may be in flight at teardown
         return run.finish()
 
 

@@ -118,3 +118,22 @@ def test_a_schedule_is_one_entry_in_recipe_schedules(monkeypatch):
     monkeypatch.setitem(recipe.SCHEDULES, "cosine-annealing", lambda optimizer, config, total_steps:
                         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps))
     assert parse_config(["--schedule", "cosine-annealing"]).schedule == "cosine-annealing"
+
+
+def test_a_restarted_elastic_group_continues_its_run(capsys, monkeypatch):
+    """torchrun --max-restarts sets TORCHELASTIC_MAX_RESTARTS in every worker, and
+    TORCHELASTIC_RESTART_COUNT > 0 in a restarted one: that continues the run in
+    --output-dir; a launch with restarts needs one, and cannot start from --resume PATH."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = parse_config(["--output-dir", "out", "--overwrite"])
+    assert first.resume is None and first.overwrite
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = parse_config(["--output-dir", "out", "--overwrite"])
+    assert restarted.resume == "auto" and not restarted.overwrite
+    for argv, fragment in ((["--debug"], "restarts (--max-restarts) needs --output-dir"),
+                           (["--output-dir", "o", "--resume", "ckpt"], "--resume PATH cannot be combined")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(argv)
+        assert exit_info.value.code == 2 and fragment in capsys.readouterr().err

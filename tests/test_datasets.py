@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, run
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
 from dist_resnet import data, datasets
-from dist_resnet.config import Config
+from dist_resnet.config import ADDED_OPTIONS, Config
 from dist_resnet.model import read_card
 from dist_resnet.recipe import Recipe
 from dist_resnet.train import parse_args
@@ -172,7 +172,7 @@ def test_weights_without_a_description_are_an_mnist_model(trained_run, tmp_path)
 
 def test_an_older_run_record_reads_with_the_mnist_defaults():
     values = Config().to_dict()
-    for name in ("dataset", "image_size", "mean", "std", "data_path", "workers"):
+    for name in ADDED_OPTIONS:
         del values[name]
     config = Config.from_dict(json.loads(json.dumps(values)), "config.json")
     assert (config.dataset, config.data_path, config.mean) == ("mnist", "auto", None)

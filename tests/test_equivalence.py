@@ -40,38 +40,47 @@ def train_losses(out: Path) -> list[float]:
     return [r["train_loss"] for r in records if r["event"] == "train"]
 
 
-def reference_run(data_dir: Path, world_size: int, epochs: int = 1):
+def reference_run(data_dir: Path, world_size: int, epochs: int = 1, then: tuple[int, int] | None = None):
     """One process: every global batch split as DistributedSampler would split it over
     world_size ranks, each slice normalized on its own, and the gradients averaged as DDP does
-    (each slice's gradient divided by world_size, then summed)."""
+    (each slice's gradient divided by world_size, then summed). then=(step, other world size):
+    the batches after that step are split as that many ranks would split them (a resume on
+    another process count)."""
     images, labels = load_split(data_dir, "train", TRAIN_LIMIT)
     # The launched ranks run one OpenMP thread each; a CPU convolution's sums may be split
     # differently with more threads, and Adam would amplify that last-bit difference.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference_run(images, labels, world_size, epochs)
+        return _reference_run(images, labels, world_size, epochs, then)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference_run(images, labels, world_size: int, epochs: int):
+def _slices(num_samples: int, world_size: int, epoch: int) -> list[tuple]:
+    """Each step's index slices of one epoch, one per rank of world_size."""
+    shards = []
+    for rank in range(world_size):
+        sampler = make_sampler(num_samples, world_size, rank, shuffle=True, seed=SEED)
+        sampler.set_epoch(epoch)
+        shards.append(shard_batches(sampler, BATCH // world_size, "cpu"))
+    return list(zip(*shards))
+
+
+def _reference_run(images, labels, world_size: int, epochs: int, then: tuple[int, int] | None = None):
     torch.manual_seed(SEED)  # what accelerate's set_seed does for torch before the model is built
     model = ResNet(WIDTHS)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    samplers = [make_sampler(len(labels), world_size, rank, shuffle=True, seed=SEED)
-                for rank in range(world_size)]
+    switch_step, later_world_size = then or (None, world_size)
     losses = []
     for epoch in range(epochs):
-        shards = []
-        for sampler in samplers:
-            sampler.set_epoch(epoch)
-            shards.append(shard_batches(sampler, BATCH // world_size, "cpu"))
-        for slices in zip(*shards):
+        before, after = _slices(len(labels), world_size, epoch), _slices(len(labels), later_world_size, epoch)
+        for slices_before, slices_after in zip(before, after):
+            slices = slices_before if switch_step is None or len(losses) < switch_step else slices_after
             slice_losses = []
             for index in slices:
                 loss = F.cross_entropy(model(normalize(images[index])), labels[index])
-                (loss / world_size).backward()
+                (loss / len(slices)).backward()
                 slice_losses.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad()
@@ -138,4 +147,29 @@ def test_compiled_training_still_averages_gradients(mnist_dir, tmp_path):
     got_state = load_file(out / "model.safetensors")
     for name in compared_parameters():
         torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-2, atol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (1, 2)])
+def test_a_checkpoint_resumes_on_another_process_count(before, after, mnist_dir, tmp_path):
+    """A checkpoint of step 5 written by `before` processes, resumed by `after`: the same
+    batches at the same steps, so the result is the one process that slices batches 1-5 as
+    `before` ranks and batches 6-10 as `after` ranks would."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    result = torchrun(before, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--checkpoint-every", 5,
+                      "--output-dir", first, env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    result = torchrun(after, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", resumed,
+                      "--resume", first / "checkpoints" / "step-00000005", env=ONE_THREAD)
+    assert result.returncode == 0, describe(result)
+    assert json.loads((resumed / "config.json").read_text())["world_size"] == after
+
+    expected_losses, expected_state = reference_run(mnist_dir, before, then=(5, after))
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(6, 11))
+    torch.testing.assert_close(torch.tensor(train_losses(resumed)), torch.tensor(expected_losses[5:]),
+                               rtol=1e-5, atol=1e-6)
+    got_state = load_file(resumed / "model.safetensors")
+    for name in compared_parameters():
+        torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dist_resnet"
 FOUNDATIONS = {"config", "model", "data", "images", "metrics", "distributed", "files", "plots", "provenance",
                "ema", "best", "profiling"}
 SERVICES = {"recipe", "checkpoint", "rundir", "tracking", "report", "datasets"}
-COMMANDS = {"cli", "train", "evaluate", "predict", "bench", "export"}
+COMMANDS = {"cli", "train", "evaluate", "predict", "bench", "export", "summarize"}
 
 
 def imports_of(module: str) -> set[str]:

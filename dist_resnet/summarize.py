@@ -1,0 +1,196 @@
+"""Summarise many runs (the tasks of a Slurm job array, seeds, a grid of options): for each
+group of runs that trained the same thing but for the seed, the mean, standard deviation,
+minimum and maximum of the final test accuracy, the time to the final evaluation and the
+training throughput, as Markdown, JSON and a plot.
+
+    python -m dist_resnet.summarize runs/array-1234-* --output-dir runs/array-1234-summary
+
+A run directory that is missing, unfinished (no final report: still running, stopped, failed)
+or damaged is listed with the reason and left out of the statistics, never a crash.
+"""
+
+import io
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from dist_resnet import cli, files, rundir
+from dist_resnet.config import MUST_MATCH_ON_RESUME, PATH, ExitCode, MissingPackage, Parser, require
+
+PROG = "dist_resnet/summarize.py"
+REPORT = "classification_report.json"  # written after the final evaluation: its presence means done
+# What a group shares: every option that decides what is trained, except the seed, and the
+# number of processes (on CPU it changes the BatchNorm statistics).
+GROUP_BY = tuple(name for name in MUST_MATCH_ON_RESUME if name != "seed")
+MEASURES = {"test_acc": "test accuracy", "time_to_final_eval_s": "time to final evaluation (s)",
+            "images_per_s": "images/s (median of the loss reports)"}
+
+
+class NothingToSummarise(Exception):
+    """No run directory given holds a finished run."""
+
+
+@dataclass
+class RunResult:
+    path: str
+    status: str  # done | unfinished | missing | damaged
+    reason: str = ""
+    run_name: str | None = None
+    group: dict | None = None  # GROUP_BY option -> value, and world_size
+    seed: int | None = None
+    test_acc: float | None = None
+    time_to_final_eval_s: float | None = None
+    images_per_s: float | None = None
+
+
+def read_run(directory: Path) -> RunResult:
+    """What one run directory says about its run; why not, for one that has no result."""
+    if not directory.is_dir():
+        return RunResult(str(directory), "missing", "no such directory (the task never started?)")
+    try:
+        record = rundir.RunRecord.read(directory)
+    except rundir.RunDirError as err:
+        return RunResult(str(directory), "damaged" if (directory / rundir.RECORD).exists() else "missing", str(err))
+    config = record.config
+    group = {name: getattr(config, name) for name in GROUP_BY} | {"world_size": record.facts.world_size}
+    result = RunResult(str(directory), "unfinished", run_name=config.run_name, group=group, seed=config.seed)
+    records, _ = files.read_jsonl(directory / "metrics.jsonl")
+    steps = [r["step"] for r in records if r.get("event") == "train"]
+    report = directory / REPORT
+    if not report.is_file():
+        result.reason = (f"no final report; its metrics end at step {steps[-1]}" if steps else
+                         "no final report and no training step logged") + " (still running, stopped or failed)"
+        return result
+    try:
+        result.test_acc = float(json.loads(report.read_text())["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return RunResult(str(directory), "damaged", f"{report}: unreadable ({err})", config.run_name, group, config.seed)
+    # Wall time from the run's start to its final report: for a resumed run, pauses included.
+    started = datetime.strptime(record.facts.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    result.time_to_final_eval_s = report.stat().st_mtime - started
+    speeds = [r["images_per_s"] for r in records if r.get("event") == "train" and "images_per_s" in r]
+    result.images_per_s = statistics.median(speeds) if speeds else None
+    result.status = "done"
+    return result
+
+
+def describe(values: list[float]) -> dict:
+    """n, mean, sample standard deviation (None for one value), min and max."""
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def summarise(results: list[RunResult]) -> list[dict]:
+    """One entry per group of finished runs, in the order of their first run."""
+    groups: dict[str, list[RunResult]] = {}
+    for result in results:
+        if result.status == "done":
+            groups.setdefault(json.dumps(result.group, sort_keys=True), []).append(result)
+    varying = _varying([json.loads(key) for key in groups])
+    summary = []
+    for key, members in groups.items():
+        group = json.loads(key)
+        label = ", ".join(f"{name} {_text(group[name])}" for name in varying) or "all runs"
+        stats = {measure: describe(values) for measure in MEASURES
+                 if (values := [getattr(r, measure) for r in members if getattr(r, measure) is not None])}
+        summary.append({"label": label, "group": group, "seeds": sorted(r.seed for r in members),
+                        "runs": [r.path for r in members], **stats})
+    return summary
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _varying(groups: list[dict]) -> list[str]:
+    """The options whose values differ between groups: what names each group."""
+    return [name for name in (groups[0] if groups else {}) if len({json.dumps(g[name]) for g in groups}) > 1]
+
+
+def markdown(summary: list[dict], results: list[RunResult]) -> str:
+    lines = ["| group | runs | " + " | ".join(f"{title}: mean ± std [min, max]" for title in MEASURES.values()) + " |",
+             "|---|---:|" + "---|" * len(MEASURES)]
+    for entry in summary:
+        cells = []
+        for measure in MEASURES:
+            stats = entry.get(measure)
+            digits = 4 if measure == "test_acc" else 1
+            cells.append("n/a" if stats is None else
+                         f"{stats['mean']:.{digits}f} ± " + ("n/a" if stats["std"] is None else f"{stats['std']:.{digits}f}")
+                         + f" [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]")
+        lines.append(f"| {entry['label']} | {entry['test_acc']['n']} | " + " | ".join(cells) + " |")
+    left_out = [r for r in results if r.status != "done"]
+    if left_out:
+        lines += ["", f"Left out ({len(left_out)} of {len(results)} runs):", ""]
+        lines += [f"- `{r.path}`: {r.status}: {r.reason}" for r in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], results: list[RunResult]) -> bytes:
+    """Each finished run's test accuracy, one column per group, with the group's mean ± std."""
+    require("matplotlib", "the summary plot", "read summary.md and summary.json, which are written without it")
+    # matplotlib's Agg canvas directly, never pyplot (as plots.py, and for its reasons).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(4.0, 1.6 * len(summary)), 3.6))
+    ax = figure.add_subplot()
+    by_path = {r.path: r for r in results}
+    for x, entry in enumerate(summary):
+        accuracies = [by_path[path].test_acc for path in entry["runs"]]
+        ax.scatter([x] * len(accuracies), accuracies, color="tab:blue", alpha=0.6, zorder=2)
+        stats = entry["test_acc"]
+        ax.errorbar(x + 0.15, stats["mean"], yerr=stats["std"] or 0, fmt="o", color="black", capsize=4, zorder=3)
+    ax.set_xticks(range(len(summary)), [entry["label"] for entry in summary], rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(summary) - 0.5)
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(f"{sum(e['test_acc']['n'] for e in summary)} runs (dots), mean ± std (bars)")
+    ax.grid(axis="y", alpha=0.3)
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def build_parser() -> Parser:
+    p = Parser(PROG, "Summarise finished runs: mean, std, min and max of the final test accuracy, the "
+               "time to the final evaluation and images/s, per group of runs that differ only in the seed.")
+    p.add_argument("run_dirs", nargs="+", type=PATH, metavar="RUN_DIR", help="output directories of runs")
+    p.add_argument("--output-dir", type=PATH, default="summary",
+                   help="where summary.md, summary.json and summary.png go")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    results = [read_run(Path(path)) for path in options.run_dirs]
+    summary = summarise(results)
+    output_dir = Path(options.output_dir)
+    try:
+        if not summary:
+            raise NothingToSummarise(f"none of the {len(results)} run directories holds a finished run: "
+                                     + "; ".join(f"{r.path}: {r.status}" for r in results))
+        text = markdown(summary, results)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(output_dir / "summary.md", text)
+        files.write_atomic(output_dir / "summary.json", json.dumps(
+            {"groups": summary, "runs": [asdict(r) for r in results]}, indent=1) + "\n")
+        try:
+            files.write_atomic(output_dir / "summary.png", plot(summary, results))
+        except MissingPackage as err:
+            print(f"{PROG}: warning: no summary.png: {err}", file=sys.stderr)
+    except NothingToSummarise as err:
+        return cli.fail(PROG, err, code=ExitCode.BAD_INPUT)
+    except OSError as err:
+        return cli.fail(PROG, f"cannot write in {output_dir} ({err.strerror or err})", code=ExitCode.CANNOT_WRITE)
+    print(text + f"\nwritten: {output_dir / 'summary.md'}, summary.json, summary.png", end="\n")
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
