@@ -259,6 +259,27 @@ class DataSpec:
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         return AUGMENTATIONS[self.augmentation](images)
 
+    def card(self) -> dict:
+        """The data set's part of what a weights file says of itself (model.CARD_KEY)."""
+        return {"dataset": self.name, "channels": self.channels, "classes": len(self.class_names),
+                "class_names": list(self.class_names), "image_size": list(self.size), "mean": list(self.mean),
+                "std": list(self.std), "augmentation": self.augmentation}
+
+    @classmethod
+    def from_card(cls, card: dict) -> "DataSpec":
+        """The DataSpec that card() described; ValueError if the description is damaged."""
+        try:
+            return cls(str(card["dataset"]), int(card["channels"]), tuple(map(int, card["image_size"])),
+                       tuple(map(str, card["class_names"])), tuple(map(float, card["mean"])),
+                       tuple(map(float, card["std"])), str(card["augmentation"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("its description of the model is damaged") from None
+
+    @property
+    def image_bytes(self) -> int:
+        """The uint8 pixels of one image."""
+        return self.channels * self.size[0] * self.size[1]
+
 
 MNIST_SPEC = DataSpec("mnist", 1, (28, 28), tuple(str(d) for d in range(10)), (MEAN,), (STD,), "affine")
 
@@ -288,8 +309,6 @@ class ArraySplit(torch.utils.data.Dataset):
 class Resident:
     """A split decoded once and kept whole on the device: a batch is an index into it."""
 
-    path = "resident"
-
     def __init__(self, split, device, progress=None):
         images, labels = split.load_all(progress)
         self.spec, self.index_device = split.spec, torch.device(device)
@@ -311,8 +330,6 @@ class Streamed:
     """A split read batch by batch from host memory or files by a DataLoader's worker
     processes, in the index batches it is given (so the samples, their order and their ranks
     are the resident path's): uint8 on the wire, pinned for the copy to a GPU."""
-
-    path = "stream"
 
     def __init__(self, split, device, workers: int):
         self.split, self.spec, self.workers = split, split.spec, workers

@@ -38,7 +38,6 @@ class Options:
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    layout: str  # where the files go, for --help and error messages
     fetch: Callable[[Options], None]  # makes sure the files are there (downloading if allowed)
     open: Callable[[Options], tuple]  # the (train, test) splits, each readable by index
     preprocess: str  # predict.py: "digit" (MNIST's centring, images.to_mnist) or "resize"
@@ -47,13 +46,13 @@ class Dataset:
 # ---- the MNIST family ---------------------------------------------------------------------------
 
 _IDX_CLASSES = {
-    "mnist": tuple(str(d) for d in range(10)),
+    "mnist": data.MNIST_SPEC.class_names,
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
     "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
 }
 # Mean and standard deviation of each training set's pixels (the usual published values).
-_IDX_NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530),
+_IDX_NORMALISATION = {"mnist": (data.MEAN, data.STD), "fashion-mnist": (0.2860, 0.3530),
                       "kmnist": (0.1918, 0.3483)}
 
 
@@ -65,9 +64,7 @@ def _idx(name: str) -> Dataset:
         return tuple(_resized(ArraySplit(*load_split(options.data_dir, split, name=name), spec), options.image_size)
                      for split in ("train", "test"))
 
-    folder = IDX_DATASETS[name].__name__
-    return Dataset(name, f"DATA_DIR/{folder}/raw/*-ubyte (torchvision's layout; .gz copies are unpacked)",
-                   lambda options: ensure_mnist(options.data_dir, options.download, name), open_splits,
+    return Dataset(name, lambda options: ensure_mnist(options.data_dir, options.download, name), open_splits,
                    "digit" if name == "mnist" else "resize")
 
 
@@ -272,10 +269,8 @@ def _resized(split: ArraySplit, image_size: int | None) -> ArraySplit:
 
 DATASETS: dict[str, Dataset] = {
     **{name: _idx(name) for name in IDX_DATASETS},
-    "cifar10": Dataset("cifar10", f"DATA_DIR/{CIFAR_FOLDER}/data_batch_1..5, test_batch (torchvision's layout)",
-                       _fetch_cifar, _open_cifar, "resize"),
-    "imagefolder": Dataset("imagefolder", "DATA_DIR/train/<class>/*.png|jpg and DATA_DIR/test/<class>/*",
-                           _fetch_imagefolder, _open_imagefolder, "resize"),
+    "cifar10": Dataset("cifar10", _fetch_cifar, _open_cifar, "resize"),
+    "imagefolder": Dataset("imagefolder", _fetch_imagefolder, _open_imagefolder, "resize"),
 }
 
 
@@ -284,6 +279,17 @@ def open_splits(name: str, options: Options, train_limit: int | None = None,
     """(train, test) splits of a data set whose files are in place (after fetch)."""
     train, test = DATASETS[name].open(options)
     return train.limited(train_limit), test.limited(test_limit)
+
+
+def open_test(name: str, options: Options, limit: int | None, mean: tuple[float, ...] | None,
+              std: tuple[float, ...] | None):
+    """The test split of a data set whose weights are evaluated or exported: its files checked
+    (never downloaded), its first `limit` images, normalised as the weights were trained."""
+    if name not in DATASETS:
+        raise DataError(f"the weights were trained on {name!r}, a data set this version does not know")
+    DATASETS[name].fetch(replace(options, download=False))
+    _, test = open_splits(name, options, test_limit=limit)
+    return with_normalisation(test, mean, std)
 
 
 def with_normalisation(split, mean: tuple[float, ...] | None, std: tuple[float, ...] | None):
@@ -304,7 +310,7 @@ def load(config: Config, device, local_processes: int = 1, progress=None):
     splits = [with_normalisation(split, config.mean, config.std)
               for split in open_splits(config.dataset, options, config.train_limit, config.test_limit)]
     spec = splits[0].spec
-    nbytes = sum(len(split) for split in splits) * spec.channels * spec.size[0] * spec.size[1]
+    nbytes = sum(len(split) for split in splits) * spec.image_bytes
     path, why = data.choose_path(config.data_path, nbytes, device, local_processes)
     workers = config.workers if config.workers is not None else default_workers(local_processes)
     decoding = progress is not None and path == "resident" and splits[0].decodes

@@ -98,16 +98,13 @@ def test_split(options: Options, source: Source, model):
     normalisation (else what the weights file says), checked against the model."""
     card, config = read_card(source.weights) or {}, source.config
     name = options.dataset or (config.dataset if config else card.get("dataset", "mnist"))
-    if name not in datasets.DATASETS:
-        raise WeightsError(f"{source.weights}: trained on {name!r}, which this version does not know")
     if card.get("dataset", name) != name:
         raise WeightsError(f"{source.weights} was trained on {card['dataset']}, not --dataset {name}")
     image_size = config.image_size if config else None
     data_options = datasets.Options(options.data_dir or source.data_dir, image_size=image_size)
-    datasets.DATASETS[name].fetch(data_options)
-    _, test = datasets.open_splits(name, data_options, test_limit=options.test_limit or source.test_limit)
     mean, std = (config.mean, config.std) if config else (card.get("mean"), card.get("std"))
-    test = datasets.with_normalisation(test, mean and tuple(mean), std and tuple(std))
+    test = datasets.open_test(name, data_options, options.test_limit or source.test_limit,
+                              mean and tuple(mean), std and tuple(std))
     spec, classes = test.spec, model.fc.out_features
     if model.blocks[0].conv1.in_channels != spec.channels or classes != len(spec.class_names):
         raise WeightsError(f"{source.weights}: a model of {model.blocks[0].conv1.in_channels} channel(s) and "
@@ -133,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             say(source.note)
         model = load_model(source.weights, WIDTHS.accepts).to(accelerator.device)
         test = test_split(options, source, model)
-        path, _ = data.choose_path("auto", len(test) * test.spec.channels * test.spec.size[0] * test.spec.size[1],
-                                   accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        path, _ = data.choose_path("auto", len(test) * test.spec.image_bytes, accelerator.device,
+                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         test = data.source(test, path, accelerator.device, workers=0)
         result = recipe.evaluate(model, test, accelerator, options.batch_size or source.batch_size)
         output_dir = options.output_dir or source.output_dir

@@ -100,13 +100,10 @@ def test_images(args: Options) -> tuple[torch.Tensor, data.DataSpec]:
     """The first --check-images test images of the data set the weights file names (MNIST for
     a file that names none), at the size and with the normalisation it was trained with."""
     card = read_card(weights_path(args.weights)) or {}
-    name, size = card.get("dataset", "mnist"), card.get("image_size")
-    if name not in datasets.DATASETS:
-        raise datasets.DataError(f"{args.weights}: trained on {name!r}, which this version does not know")
+    size = card.get("image_size")
     options = datasets.Options(args.data_dir, image_size=size[0] if size and size[0] == size[1] else None)
-    datasets.DATASETS[name].fetch(options)
-    _, test = datasets.open_splits(name, options, test_limit=args.check_images)
-    test = datasets.with_normalisation(test, tuple(card.get("mean", ())) or None, tuple(card.get("std", ())) or None)
+    test = datasets.open_test(card.get("dataset", "mnist"), options, args.check_images,
+                              tuple(card.get("mean", ())) or None, tuple(card.get("std", ())) or None)
     images, _ = test.load_all()
     return images, test.spec
 

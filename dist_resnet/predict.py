@@ -18,76 +18,61 @@ import torch
 
 from dist_resnet import cli, datasets
 from dist_resnet.config import WIDTHS, Kind, Parser
-from dist_resnet.data import MNIST_SPEC, normalize
+from dist_resnet.data import MNIST_SPEC, DataSpec
 from dist_resnet.images import image_files, read_digit, read_resized
-from dist_resnet.model import ResNet, WeightsError, load_model, read_card
+from dist_resnet.model import ResNet, WeightsError, load_model, read_card, weights_path
 
 
-@dataclass(frozen=True)
-class Preparation:
-    """How an image file becomes the model's input: what the weights file says."""
+def trained_on(weights: Path, model: ResNet, dataset: str | None) -> DataSpec:
+    """What the weights file says the model was trained on (a file without it is an MNIST
+    model, as all were before weights carried it), checked against the model and --dataset."""
+    card = read_card(weights)
+    try:
+        spec = MNIST_SPEC if card is None else DataSpec.from_card(card)
+    except ValueError as err:
+        raise WeightsError(f"{weights}: {err}") from None
+    if dataset is not None and dataset != spec.name:
+        raise WeightsError(f"{weights} was trained on {spec.name}, not --dataset {dataset}")
+    if (model.blocks[0].conv1.in_channels, model.fc.out_features) != (spec.channels, len(spec.class_names)):
+        raise WeightsError(f"{weights}: its description of the model does not fit its weights")
+    return spec
 
-    dataset: str = MNIST_SPEC.name
-    class_names: tuple[str, ...] = MNIST_SPEC.class_names
-    channels: int = MNIST_SPEC.channels
-    size: tuple[int, int] = MNIST_SPEC.size
-    mean: tuple[float, ...] = MNIST_SPEC.mean
-    std: tuple[float, ...] = MNIST_SPEC.std
 
-    @classmethod
-    def of(cls, weights: str | Path, model: ResNet, dataset: str | None) -> "Preparation":
-        """From the weights' metadata (a file without it is an MNIST model, as all were before
-        weights carried it), checked against the model and --dataset."""
-        card = read_card(weights)
-        if card is None:
-            prep = cls()
-        else:
-            try:
-                prep = cls(str(card["dataset"]), tuple(map(str, card["class_names"])), int(card["channels"]),
-                           tuple(map(int, card["image_size"])), tuple(map(float, card["mean"])),
-                           tuple(map(float, card["std"])))
-            except (KeyError, TypeError, ValueError):
-                raise WeightsError(f"{weights}: its description of the model is damaged") from None
-        if dataset is not None and dataset != prep.dataset:
-            raise WeightsError(f"{weights} was trained on {prep.dataset}, not --dataset {dataset}")
-        if (model.blocks[0].conv1.in_channels, model.fc.out_features) != (prep.channels, len(prep.class_names)):
-            raise WeightsError(f"{weights}: its description of the model does not fit its weights")
-        return prep
+def is_digits(spec: DataSpec) -> bool:
+    """Whether images are brought to MNIST's form (images.to_mnist) rather than resized."""
+    return spec.name in datasets.DATASETS and datasets.DATASETS[spec.name].preprocess == "digit"
 
-    @property
-    def digits(self) -> bool:
-        return datasets.DATASETS.get(self.dataset) is not None and datasets.DATASETS[self.dataset].preprocess == "digit"
 
-    def read(self, path: Path) -> np.ndarray:
-        if self.digits:
-            return read_digit(path)[None]
-        return read_resized(path, self.channels, self.size)
+def read_image(path: Path, spec: DataSpec) -> np.ndarray:
+    """uint8 [channels, height, width]: an image file as the model trained on spec sees it."""
+    return read_digit(path)[None] if is_digits(spec) else read_resized(path, spec.channels, spec.size)
+
 
 PROG = "predict.py"
 
 
 @torch.no_grad()
-def predict_files(model: ResNet, paths: list[str | Path], prep: Preparation = Preparation()) -> list[dict]:
+def predict_files(model: ResNet, paths: list[str | Path], spec: DataSpec = MNIST_SPEC) -> list[dict]:
     """[{"file", "prediction", "class", "probabilities": [a float per class]}] for each image
     file, in order. Every image is read before the model runs, so a bad one fails before any
     output."""
     if not paths:
         return []
-    images = np.stack([prep.read(Path(p)) for p in paths])
+    images = np.stack([read_image(Path(p), spec) for p in paths])
     model.eval()
-    logits = model(normalize(torch.from_numpy(images), mean=prep.mean, std=prep.std))
+    logits = model(spec.normalize(torch.from_numpy(images)))
     probabilities = torch.softmax(logits.double(), dim=1)
     if not torch.isfinite(probabilities).all():
         raise WeightsError("the weights give non-finite outputs for these images (NaN or infinity)")
-    return [{"file": str(path), "prediction": int(p.argmax()), "class": prep.class_names[int(p.argmax())],
+    return [{"file": str(path), "prediction": int(p.argmax()), "class": spec.class_names[int(p.argmax())],
              "probabilities": p.tolist()} for path, p in zip(paths, probabilities)]
 
 
-def format_table(results: list[dict], top_k: int, prep: Preparation = Preparation()) -> str:
+def format_table(results: list[dict], top_k: int, spec: DataSpec = MNIST_SPEC) -> str:
     """One line per file: the predicted class with its probability, then the top_k runners-up."""
-    names = prep.class_names
+    names = spec.class_names
     width = max(len("file"), *(len(r["file"]) for r in results))
-    heading = "digit" if prep.digits else "class"
+    heading = "digit" if is_digits(spec) else "class"
     column = max(len(heading), *(len(n) for n in names))
     lines = [f"{'file':<{width}}  {heading:>{column}}  probability" + ("  next most likely" if top_k else "")]
     for r in results:
@@ -127,19 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.weights, WIDTHS.accepts)
-        prep = Preparation.of(args.weights if Path(args.weights).is_file() else Path(args.weights) / "model.safetensors",
-                              model, args.dataset)
-        if args.top_k >= len(prep.class_names):
-            raise WeightsError(f"--top-k {args.top_k}: the model has {len(prep.class_names)} classes, "
-                               f"so at most {len(prep.class_names) - 1} runners-up")
-        results = predict_files(model, image_files(args.inputs), prep)
+        spec = trained_on(weights_path(args.weights), model, args.dataset)
+        if args.top_k >= len(spec.class_names):
+            raise WeightsError(f"--top-k {args.top_k}: the model has {len(spec.class_names)} classes, "
+                               f"so at most {len(spec.class_names) - 1} runners-up")
+        results = predict_files(model, image_files(args.inputs), spec)
     except cli.USER_ERROR_TYPES as err:  # one line; nothing was printed before it
         return cli.fail(PROG, err)
     if args.json:
         # One file per line: still one valid JSON document, and readable in a terminal.
         text = "[\n" + ",\n".join(json.dumps(r, allow_nan=False) for r in results) + "\n]"
     else:
-        text = format_table(results, args.top_k, prep)
+        text = format_table(results, args.top_k, spec)
     try:
         print(text, flush=True)
     except BrokenPipeError:

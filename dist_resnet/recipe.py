@@ -239,10 +239,7 @@ class Recipe:
 
     def card(self) -> dict:
         """What the weights file says of this model and its data (model.CARD_KEY)."""
-        spec = self.spec
-        return {"widths": list(self.config.widths), "channels": spec.channels, "classes": len(spec.class_names),
-                "dataset": spec.name, "class_names": list(spec.class_names), "image_size": list(spec.size),
-                "mean": list(spec.mean), "std": list(spec.std)}
+        return {"widths": list(self.config.widths), **self.spec.card()}
 
     def evaluate_ema(self, test) -> Evaluation:
         """The weight average's evaluation (--ema). Its parameters are the same on every rank;
