@@ -295,13 +295,8 @@ class Run:
             return
         if self.config.keep_best:
             def write():
-                path = self.output_dir / BEST_WEIGHTS
-                try:
-                    files.write_atomic(path, checkpoint.tensor_bytes(self.recipe.net.state_dict(), {
-                        "step": str(self.step), "metric": self.best.metric, "value": repr(self.best.value),
-                        **self.card()}))
-                except OSError as err:
-                    raise rundir.CannotWrite(f"cannot write the best weights {path} ({err.strerror or err})") from None
+                self.write_weights("best", BEST_WEIGHTS, self.recipe.net, {
+                    "step": str(self.step), "metric": self.best.metric, "value": repr(self.best.value)})
             self.together(write, main_only=True)
 
     def stopping_early(self) -> bool:
@@ -369,15 +364,9 @@ class Run:
     def save_weights(self, raise_error: bool = True) -> str | None:
         """model.safetensors, on rank 0; a failure is raised, or returned as its message."""
         def write():
-            try:
-                files.write_atomic(self.output_dir / "model.safetensors",
-                                   checkpoint.tensor_bytes(self.recipe.net.state_dict(), self.card()))
-                if self.recipe.ema is not None:
-                    files.write_atomic(self.output_dir / EMA_WEIGHTS,
-                                       checkpoint.tensor_bytes(self.recipe.ema.model.state_dict(), self.card()))
-            except OSError as err:
-                raise rundir.CannotWrite(f"cannot write the final weights {self.output_dir / 'model.safetensors'} "
-                                         f"({err.strerror or err})") from None
+            self.write_weights("final", "model.safetensors", self.recipe.net)
+            if self.recipe.ema is not None:
+                self.write_weights("final", EMA_WEIGHTS, self.recipe.ema.model)
         try:
             self.together(write, main_only=True)
         except rundir.CannotWrite as err:
@@ -386,6 +375,15 @@ class Run:
             return str(err)
         self.weights_at = self.step
         return None
+
+    def write_weights(self, which: str, name: str, model, metadata: dict | None = None) -> None:
+        """A model's weights into the output directory, atomically, with what they were trained
+        on and any other metadata; CannotWrite names the file."""
+        path = self.output_dir / name
+        try:
+            files.write_atomic(path, checkpoint.tensor_bytes(model.state_dict(), {**(metadata or {}), **self.card()}))
+        except OSError as err:
+            raise rundir.CannotWrite(f"cannot write the {which} weights {path} ({err.strerror or err})") from None
 
     def card(self) -> dict:
         """The weights' metadata: architecture and data set, so that evaluate.py and predict.py
