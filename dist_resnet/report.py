@@ -1,11 +1,20 @@
 """What a person reads after an evaluation: the classification report and the plots, written
-atomically into a directory. Plots render off the training thread (a slow render must not
-stall the GPU), and a plot that cannot be drawn or written is a warning, never a failure."""
+atomically into a directory. Plots are drawn by a child process (a slow drawing must not stall
+the steps), and a plot that cannot be drawn or written is a warning, never a failure."""
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from dist_resnet import files
 from dist_resnet.config import MissingPackage, require
@@ -36,59 +45,125 @@ def write_report(evaluation: Evaluation, directory: Path, title: str | None = No
     return text, table
 
 
-class Plots:
-    """The plots of one directory, redrawn in the background. draw() while a redraw is
-    running is skipped (the next call, or finish(), draws the newer state)."""
+# Drawing the plots takes about a second of Python. In a thread of the training process it held
+# the interpreter lock that long after every evaluation and slowed the steps that a GPU waits on
+# (docs/benchmarks.md); a child process draws them instead, and interim plots are redrawn at most
+# this often. The final evaluation's plots are always drawn.
+REDRAW_EVERY_S = 30.0
 
-    def __init__(self, directory: Path, say=print):
-        self.directory, self.say = Path(directory), say
-        self.executor = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-        self.pending_for = None
+
+class Plots:
+    """The plots of one directory, drawn by a child process (`python -m dist_resnet.report`)
+    from a request of plain arrays. draw() while a drawing runs, or sooner than redraw_every_s
+    after the last one began, is skipped; finish() draws the final evaluation and waits."""
+
+    def __init__(self, directory: Path, say=print, redraw_every_s: float = REDRAW_EVERY_S):
+        self.directory, self.say, self.redraw_every_s = Path(directory), say, redraw_every_s
+        self.child: subprocess.Popen | None = None
+        self.request: Path | None = None  # the running child's request directory
+        self.drawn_for = None  # the evaluation the last drawing was of
+        self.began = -math.inf
         self.warned: set[str] = set()
 
     def draw(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
-        if self.pending is None or self.pending.done():
-            self.pending = self.executor.submit(self._draw, evaluation, test_images, records)
-            self.pending_for = evaluation
+        if self.child is not None and self.child.poll() is None:
+            return
+        self._collect()
+        if time.monotonic() - self.began >= self.redraw_every_s:
+            self._start(evaluation, test_images, records)
 
     def finish(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> dict:
         """The plots of this (final) evaluation, drawn unless drawn already; name -> path of
         each plot that exists."""
-        if self.pending is not None:
-            self.pending.result()
-        if self.pending_for is not evaluation:
-            self._draw(evaluation, test_images, records)
-        self.executor.shutdown()
+        self._collect()
+        if self.drawn_for is not evaluation:
+            self._start(evaluation, test_images, records)
+            self._collect()
         return {name[:-4]: self.directory / name for name in PLOTS if (self.directory / name).is_file()}
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        """Waits for a drawing under way (seconds), so that no child outlives the run."""
+        self._collect()
 
-    def _draw(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
+    def _start(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
         try:
             require("matplotlib", "Drawing plots", "do without them")
         except MissingPackage as err:
             self._warn("matplotlib", f"warning: no plots: {err}")
             return
-        from dist_resnet import plots
+        shown = evaluation.mistakes(MISCLASSIFIED_SHOWN)
+        self.request = Path(tempfile.mkdtemp(prefix="dist-resnet-plots-"))
+        try:
+            np.savez(self.request / "arrays.npz", confusion=evaluation.confusion(), labels=evaluation.labels,
+                     predictions=evaluation.predictions, shown_index=shown,
+                     shown_images=np.stack([displayable(test_images[i]) for i in shown]) if len(shown)
+                     else np.zeros((0, 1, 1), np.uint8))
+            (self.request / "request.json").write_text(json.dumps(
+                {"class_names": list(evaluation.class_names), "records": records}))
+            # The package's parent on the path: train.py may run from a checkout, uninstalled.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            self.child = subprocess.Popen([sys.executable, "-m", "dist_resnet.report", str(self.request),
+                                           str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, text=True, env=env,
+                                          start_new_session=True)  # a terminal's Ctrl-C goes to the run only
+        except OSError as err:  # a full temporary disk, too many processes: plots are never a failure
+            self._warn("start", f"warning: no plots drawn ({err.strerror or err})")
+            shutil.rmtree(self.request, ignore_errors=True)
+            self.child = self.request = None
+            return
+        self.drawn_for, self.began = evaluation, time.monotonic()
 
-        names = evaluation.class_names
-        shown = {i: displayable(test_images[i]) for i in evaluation.mistakes(MISCLASSIFIED_SHOWN)}
-        drawings = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(evaluation.confusion(), names),
-                    "misclassified.png": lambda: plots.plot_misclassified(
-                        shown, evaluation.labels, evaluation.predictions, max_images=MISCLASSIFIED_SHOWN,
-                        class_names=names)}
-        if records is not None:
-            drawings["curves.png"] = lambda: plots.plot_curves(records)
-        for name, draw in drawings.items():
-            try:
-                files.write_atomic(self.directory / name, draw())
-            except Exception as err:  # a picture must never end a run
-                self._warn(name, f"warning: {self.directory / name} not written "
-                                 f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+    def _collect(self) -> None:
+        """Wait for the child, if any; say its warnings (once per plot) and remove its request."""
+        if self.child is None:
+            return
+        output, _ = self.child.communicate()
+        lines = output.splitlines()
+        for line in lines:
+            key, _, message = line.partition("\t")
+            if message:
+                self._warn(key, message)
+        if self.child.returncode != 0:
+            self._warn("child", f"warning: plots not drawn (exit {self.child.returncode}: "
+                                f"{' '.join(' '.join(lines[-3:]).split())[-200:]})")
+        shutil.rmtree(self.request, ignore_errors=True)
+        self.child = self.request = None
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self.warned:  # once per plot, not at every evaluation
             self.warned.add(key)
             self.say(message)
+
+
+def draw_request(request: Path, directory: Path) -> list[str]:
+    """Draw the plots a Plots request describes into directory, each written atomically;
+    "name<TAB>warning" for each plot that could not be drawn or written."""
+    from dist_resnet import plots
+
+    arrays = np.load(request / "arrays.npz", allow_pickle=False)
+    described = json.loads((request / "request.json").read_text())
+    names, records = described["class_names"], described["records"]
+    shown = dict(zip(arrays["shown_index"].tolist(), arrays["shown_images"]))
+    drawings = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(arrays["confusion"], names),
+                "misclassified.png": lambda: plots.plot_misclassified(
+                    shown, arrays["labels"], arrays["predictions"], max_images=MISCLASSIFIED_SHOWN,
+                    class_names=names)}
+    if records is not None:
+        drawings["curves.png"] = lambda: plots.plot_curves(records)
+    warnings = []
+    for name, draw in drawings.items():
+        try:
+            files.write_atomic(directory / name, draw())
+        except Exception as err:  # a picture must never end a run
+            warnings.append(f"{name}\twarning: {directory / name} not written "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+    return warnings
+
+
+if __name__ == "__main__":  # the child Plots starts: python -m dist_resnet.report REQUEST DIRECTORY
+    # A stop signal is for the run (Slurm signals every process of a job): a drawing under way
+    # ends in a second or so, and the stopping run waits for it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("\n".join(draw_request(Path(sys.argv[1]), Path(sys.argv[2]))), flush=True)

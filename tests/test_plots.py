@@ -68,3 +68,63 @@ def test_pyplot_state_untouched():
     backend = plt.get_backend()
     plots.plot_curves(TRAIN + EVALS)
     assert plt.get_fignums() == [] and plt.get_backend() == backend
+
+
+# ---- report.Plots: the run's plots, drawn by a child process -----------------------------------
+
+def evaluation(wrong: int = 3):
+    from dist_resnet.metrics import Evaluation
+
+    labels = np.arange(20) % 10
+    predictions = labels.copy()
+    predictions[:wrong] = (predictions[:wrong] + 1) % 10
+    return Evaluation(labels, predictions, np.full(20, 0.5), tuple(f"class {c}" for c in range(10)))
+
+
+def test_plots_are_drawn_by_a_child_process_while_training_goes_on(tmp_path):
+    from dist_resnet import report
+
+    plots_ = report.Plots(tmp_path, say=pytest.fail)
+    test_images = np.random.default_rng(0).integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)
+    first = evaluation()
+    plots_.draw(first, test_images, TRAIN + EVALS)
+    # draw() came back while the child still runs (starting Python takes longer than this line);
+    # drawn in this process, the figures would exist by now.
+    assert plots_.child.poll() is None and not (tmp_path / "confusion_matrix.png").exists()
+    request = plots_.request
+    assert plots_.finish(first, test_images, TRAIN + EVALS) == {
+        name: tmp_path / f"{name}.png" for name in ("confusion_matrix", "curves", "misclassified")}
+    for name in report.PLOTS:
+        assert_png((tmp_path / name).read_bytes())
+    assert plots_.child is None and not request.exists()  # the request went with the child
+
+
+def test_interim_plots_are_redrawn_at_most_every_so_often(tmp_path):
+    from dist_resnet import report
+
+    test_images = np.zeros((20, 1, 8, 8), np.uint8)
+    first, second = evaluation(3), evaluation(5)
+    drawn = {}
+    for interval in (report.REDRAW_EVERY_S, 0):
+        plots_ = report.Plots(tmp_path / str(interval), say=pytest.fail, redraw_every_s=interval)
+        plots_.directory.mkdir()
+        plots_.draw(first, test_images, None)
+        plots_.close()  # the first drawing is done: only the interval can skip the second
+        plots_.draw(second, test_images, None)
+        plots_.close()
+        drawn[interval] = plots_.drawn_for
+        assert not (plots_.directory / "curves.png").exists()  # no records: no curves
+    assert drawn[report.REDRAW_EVERY_S] is first and drawn[0] is second
+
+
+def test_a_plot_that_cannot_be_written_is_one_warning_and_the_others_are_drawn(tmp_path):
+    from dist_resnet import report
+
+    said = []
+    (tmp_path / "curves.png").mkdir()  # in the way of the file
+    plots_ = report.Plots(tmp_path, say=said.append, redraw_every_s=0)
+    for _ in range(2):
+        plots_.draw(evaluation(), np.zeros((20, 1, 8, 8), np.uint8), TRAIN + EVALS)
+        plots_.close()
+    assert len(said) == 1 and "curves.png not written (IsADirectoryError" in said[0]
+    assert_png((tmp_path / "confusion_matrix.png").read_bytes())
