@@ -3,6 +3,7 @@ reference notebook's loop measured in the same run (docs/benchmarks.md: usage, k
 
     python -m dist_resnet.bench --quick                        # CPU smoke run, seconds
     python -m dist_resnet.bench --data-dir data --time-to-accuracy 0.99 -- --recipe fast
+    python -m dist_resnet.bench --data-dir data --configs compiled --time-to-accuracy 0.99 --seeds 0,1,2,3,4 -- --recipe fast
 
 A configuration is a set of train.py options (CONFIGS), trained by the recipe.Recipe train.py
 builds, in a fresh process of its own. Timed: --steps steps after --warmup untimed ones (compile
@@ -58,6 +59,7 @@ class Settings:
     quick: bool
     json_out: str | None
     time_to_accuracy: float | None
+    seeds: tuple[int, ...] | None  # time to accuracy from each of these --seed's, in one process
     timeout: float  # seconds one configuration may take
     train_args: tuple[str, ...]  # train.py options for every configuration (after --)
 
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--time-to-accuracy", type=positive(float, 1.0), metavar="TARGET",
                    help="also train each config from its initial weights until the test accuracy reaches TARGET, "
                    "for at most train.py's --epochs")
+    p.add_argument("--seeds", help="with --time-to-accuracy: comma-separated seeds, each timed from its own initial "
+                   "weights and data order in the same process (compiled once); the mean and spread are reported")
     p.add_argument("--timeout", type=positive(float, MAX_DIST_TIMEOUT_S), default=900.0,
                    help="seconds one configuration may take")
     p.epilog = "Options after -- are train.py's, for every configuration: -- --recipe fast --batch-size 256"
@@ -88,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     named = tuple(n.strip() for n in (args.configs or "").split(",") if n.strip())
     if set(named) - set(CONFIGS):
         p.error(f"--configs: unknown {', '.join(sorted(set(named) - set(CONFIGS)))}; choose from {', '.join(CONFIGS)}")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    except ValueError:
+        p.error(f"--seeds {args.seeds}: give whole numbers separated by commas, like 0,1,2")
+    if seeds and args.time_to_accuracy is None:
+        p.error("--seeds needs --time-to-accuracy (they only change what it measures)")
     parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)  # bad train.py options: exit 2 now
     try:
         if args.json_out:
@@ -100,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         warmup=args.warmup or (1 if args.quick else 2 if small else 10),
         # The baseline always runs, first: every other figure is also a ratio to it.
         configs=tuple(n for n in CONFIGS if n == "notebook" or not named or n in named), named=named,
-        quick=args.quick, json_out=args.json_out, time_to_accuracy=args.time_to_accuracy, timeout=args.timeout,
+        quick=args.quick, json_out=args.json_out, time_to_accuracy=args.time_to_accuracy, seeds=seeds, timeout=args.timeout,
         train_args=tuple(train_args))
 
 
@@ -133,9 +143,9 @@ def build(options: list[str]) -> tuple[recipe.Recipe, object]:
 
 
 def epoch_steps(run: recipe.Recipe, notebook: bool):
-    """For each epoch, its steps as callables: train.py's index batches, or the notebook's
-    DataLoader of per-sample PIL -> ToTensor images copied to the device (x255: the recipe
-    takes 0-255 pixels)."""
+    """For each epoch, its steps as (callable, images in the batch): train.py's index batches,
+    or the notebook's DataLoader of per-sample PIL -> ToTensor images copied to the device
+    (x255: the recipe takes 0-255 pixels)."""
     if notebook:
         from torch.utils.data import DataLoader
         from torchvision.datasets import MNIST
@@ -145,9 +155,11 @@ def epoch_steps(run: recipe.Recipe, notebook: bool):
                             batch_size=run.per_process_batch, num_workers=0, drop_last=True,
                             generator=torch.Generator().manual_seed(run.config.seed))
         device = run.accelerator.device
-        return lambda epoch: ((lambda x=x, y=y: run.step_on(x.to(device) * 255, y.to(device))) for x, y in loader)
+        return lambda epoch: ((lambda x=x, y=y: run.step_on(x.to(device) * 255, y.to(device)), len(y))
+                              for x, y in loader)
     # Streamed, a batch is read (by the loader) when its step is taken from the generator: timed.
-    return lambda epoch: ((lambda x=x, y=y: run.step_on(x, y)) for x, y in run.train.batches(run.batches(epoch)))
+    return lambda epoch: ((lambda x=x, y=y: run.step_on(x, y), len(y))
+                          for x, y in run.train.batches(run.batches(epoch)))
 
 
 def synchronize(device: torch.device) -> None:
@@ -155,31 +167,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(options: list[str], notebook: bool, steps: int, warmup: int, target: float | None) -> dict:
+def measure(options: list[str], notebook: bool, steps: int, warmup: int, target: float | None,
+            seeds: list[int] | None = None) -> dict:
     run, test = build(options)
     device, epochs = run.accelerator.device, epoch_steps(run, notebook)
     stream = itertools.chain.from_iterable(epochs(e) for e in itertools.count())
     memory_kind, memory_used = peak_memory(device)
     start = time.perf_counter()
     for _ in range(warmup):
-        next(stream)()
+        next(stream)[0]()
+    # A batch of another size (an epoch's ragged last one) makes cudnn choose its kernels again,
+    # which takes seconds on a GPU (docs/benchmarks.md): the warm-up takes one too, so that the
+    # timed steps and the time to accuracy do not.
+    last = run.batches(0)[-1]  # the notebook's loader drops its ragged batch
+    if not notebook and len(last) != run.per_process_batch:
+        run.step_on(*next(run.train.batches([last])))
     synchronize(device)
     warmup_s = time.perf_counter() - start
 
     window = recipe.LossWindow(run.accelerator)
     start = time.perf_counter()
     for _ in range(steps):
-        window.add(next(stream)(), run.config.batch_size)
+        step, images = next(stream)
+        window.add(step(), images)
     synchronize(device)
     elapsed = time.perf_counter() - start
     mean_loss = window.loss_sum.item() / steps  # read once the clock has stopped
     result = {"batch_size": run.config.batch_size, "widths": list(run.config.widths), "steps": steps,
-              "warmup_steps": warmup, "images_per_s": round(steps * run.config.batch_size / elapsed, 1),
+              "warmup_steps": warmup, "images": window.images, "images_per_s": round(window.images / elapsed, 1),
               "ms_per_step": round(1000 * elapsed / steps, 3), "peak_memory_mb": round(memory_used() / 2**20, 1),
               "memory_kind": memory_kind, "warmup_s": round(warmup_s, 3),
               "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None}  # JSON has no NaN
     if target is not None:
-        result["time_to_accuracy"] = time_to_accuracy(run, test, epochs, target)
+        runs = [time_to_accuracy(run, test, epochs, target, seed) for seed in seeds or [None]]
+        result["time_to_accuracy"] = runs[0] if seeds is None else over_seeds(runs)
     return result
 
 
@@ -198,17 +219,18 @@ def peak_memory(device: torch.device):
     return "cpu peak RSS delta (VmHWM, reset at the config's start)", lambda: max(0, high_water() - start)
 
 
-def time_to_accuracy(run: recipe.Recipe, test, epochs, target: float) -> dict:
+def time_to_accuracy(run: recipe.Recipe, test, epochs, target: float, seed: int | None = None) -> dict:
     """Training seconds from the initial weights until the test accuracy reaches target, over
     at most the recipe's epochs. The code compiled during the warm-up is reused (restart()
     copies in place, so CUDA graphs keep their addresses); the evaluation after each epoch is
-    not timed, the BatchNorm recalibration before it (part of the fast recipe) is."""
-    run.restart()
+    not timed, the BatchNorm recalibration before it (part of the fast recipe) is. With a seed,
+    from that seed's initial weights and data order (recipe.Recipe.restart)."""
+    run.restart(seed)
     device, trained_s, history = run.accelerator.device, 0.0, []
     for epoch in range(run.config.epochs):
         synchronize(device)
         start = time.perf_counter()
-        for step in epochs(epoch):
+        for step, _ in epochs(epoch):
             step()
         run.recalibrate(run.batches(epoch))
         synchronize(device)
@@ -217,9 +239,23 @@ def time_to_accuracy(run: recipe.Recipe, test, epochs, target: float) -> dict:
         if history[-1] >= target:
             break
     reached = history[-1] >= target
-    return {"target": target, "seconds": round(trained_s, 3) if reached else None,
+    return {"target": target, "seed": run.config.seed if seed is None else seed,
+            "seconds": round(trained_s, 3) if reached else None,
             "epochs": len(history) if reached else None, "best_accuracy": max(history),
             "accuracy_per_epoch": history, "max_epochs": run.config.epochs}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """Several seeds' times to accuracy: each run, and the mean, spread and range of the
+    seconds over the seeds that reached the target (seconds: None unless every seed did)."""
+    reached = [r["seconds"] for r in runs if r["seconds"] is not None]
+    every = len(reached) == len(runs)
+    return {"target": runs[0]["target"], "seeds": [r["seed"] for r in runs], "reached": len(reached),
+            "seconds": round(float(np.mean(reached)), 3) if every else None,
+            "seconds_sd": round(float(np.std(reached, ddof=1)), 3) if every and len(reached) > 1 else 0.0,
+            "seconds_min": min(reached, default=None), "seconds_max": max(reached, default=None),
+            "epochs": [r["epochs"] for r in runs], "lowest_best_accuracy": min(r["best_accuracy"] for r in runs),
+            "per_seed": runs}
 
 
 # ---- the run: data, provenance, one process per configuration, the table -------------------------
@@ -254,7 +290,8 @@ def run_config(name: str, settings: Settings, data_dir: Path) -> dict:
     say(f"running {name} ...")
     # The baseline is for throughput: its loader would make time to accuracy take minutes.
     job = {"options": row["train_options"], "notebook": name == "notebook", "steps": settings.steps,
-           "warmup": settings.warmup, "target": None if name == "notebook" else settings.time_to_accuracy}
+           "warmup": settings.warmup, "target": None if name == "notebook" else settings.time_to_accuracy,
+           "seeds": None if name == "notebook" else settings.seeds}
     try:
         done = subprocess.run([sys.executable, "-m", "dist_resnet.bench", "--measure", json.dumps(job)],
                               capture_output=True, text=True, timeout=settings.timeout)
@@ -285,6 +322,10 @@ def table(rows: list[dict]) -> str:
     def to_accuracy(tta):
         if not tta:
             return "-"
+        if "per_seed" in tta:
+            return (f"{tta['reached']}/{len(tta['per_seed'])} seeds" + (
+                f", mean {tta['seconds']:.2f} s (sd {tta['seconds_sd']:.2f}, {tta['seconds_min']:.2f}-"
+                f"{tta['seconds_max']:.2f})" if tta["seconds"] is not None else ""))
         return (f"not reached (best {tta['best_accuracy']:.4f})" if tta["seconds"] is None
                 else f"{tta['seconds']:.2f} s ({tta['epochs']} ep)")
 

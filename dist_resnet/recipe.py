@@ -164,9 +164,17 @@ class Recipe:
                  "scaler": self.accelerator.scaler, "ema": self.ema}
         return {name: part for name, part in parts.items() if part is not None}
 
-    def restart(self) -> None:
+    def restart(self, seed: int | None = None) -> None:
         """Back to the initial weights and a fresh optimizer and schedule, keeping what was
-        compiled (the benchmark times training from scratch without compiling again)."""
+        compiled (the benchmark times training from scratch without compiling again). With a
+        seed, to the initial weights and data order of a run with that --seed."""
+        if seed is not None:
+            set_seed(seed)  # the draws __init__ makes for the initial weights
+            initial = ResNet(self.config.widths, self.spec.channels, len(self.spec.class_names)).state_dict()
+            self._initial["model"] = initial  # the same names with SyncBatchNorm
+            if self.ema is not None:
+                self._initial["ema"] = {"weights": initial}
+            self.sampler.seed = seed
         parts = self.state()
         for name, state in self._initial.items():
             parts[name].load_state_dict(copy.deepcopy(state))

@@ -97,18 +97,36 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def small_data(mnist_dir, tmp_path_factory):
-    """The tests' digits with 192 training images: 3 steps of 64 make an epoch."""
-    out = tmp_path_factory.mktemp("small")
+def digits(mnist_dir, out, train_images: int):
+    """The tests' digits with train_images training images, in torchvision's layout under out."""
     raw = data.raw_dir(out)
     raw.mkdir(parents=True)
-    for split, limit in (("train", 192), ("test", None)):
+    for split, limit in (("train", train_images), ("test", None)):
         images, labels = data.load_split(mnist_dir, split, limit)
         image_file, label_file = data.FILES[split]
         data.write_idx(raw / image_file, images[:, 0].numpy())
         data.write_idx(raw / label_file, labels.numpy().astype(np.uint8))
     return out
+
+
+@pytest.fixture(scope="module")
+def small_data(mnist_dir, tmp_path_factory):
+    """192 training images: 3 steps of 64 make an epoch."""
+    return digits(mnist_dir, tmp_path_factory.mktemp("small"), 192)
+
+
+def test_the_warm_up_takes_the_ragged_batch_and_images_are_counted(mnist_dir, tmp_path, one_thread, monkeypatch):
+    """200 training images make batches of 64, 64, 64 and 8. The ragged one's new shape would
+    make cudnn choose kernels again inside the timed steps, so the warm-up takes one; the
+    timed steps count the images they had, not steps x batch size."""
+    ragged = digits(mnist_dir, tmp_path, 200)
+    sizes = []
+    step_on = bench.recipe.Recipe.step_on
+    monkeypatch.setattr(bench.recipe.Recipe, "step_on", lambda run, x, y: sizes.append(len(y)) or step_on(run, x, y))
+    result = bench.measure(bench.train_options("eager_fp32", settings_for(ragged), ragged), notebook=False,
+                           steps=4, warmup=1, target=None)
+    assert sizes == [64, 8, 64, 64, 8, 64]  # warm-up: a step and the ragged batch; then 4 timed steps
+    assert result["images"] == 200 and result["steps"] == 4
 
 
 def settings_for(data_dir, *argv, train=()) -> bench.Settings:
@@ -127,7 +145,7 @@ def test_a_config_trains_exactly_what_train_py_trains(small_data, tmp_path, one_
 
     recipe, _ = bench.build(options)
     steps = bench.epoch_steps(recipe, notebook=False)(0)
-    for step in steps:  # the one epoch train.py trained: 3 steps
+    for step, _ in steps:  # the one epoch train.py trained: 3 steps
         step()
     expected = load_file(out / "model.safetensors")
     got = recipe.net.state_dict()
@@ -183,3 +201,39 @@ def test_time_to_accuracy_with_the_fast_recipe(small_data, one_thread):
     assert result["seconds"] is None and len(result["accuracy_per_epoch"]) == 3  # 100% is never reached
     norm = next(m for m in recipe.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert norm.num_batches_tracked.item() == 3  # the plain average over the epoch's 3 batches
+
+
+def test_a_restart_with_a_seed_is_a_fresh_run_of_that_seed(small_data, one_thread):
+    """--seeds times each seed in one process: restart(seed) must give that seed's initial
+    weights and data order, as a recipe built with --seed would."""
+    settings = settings_for(small_data)
+    reused, _ = bench.build(bench.train_options("eager_fp32", settings, small_data))
+    reused.step(reused.batches(0)[0])  # trained a little, as the warm-up does
+    reused.restart(seed=7)
+    fresh, _ = bench.build([*bench.train_options("eager_fp32", settings, small_data), "--seed", "7"])
+    for name, tensor in fresh.net.state_dict().items():
+        assert torch.equal(reused.net.state_dict()[name], tensor), name
+    assert all(torch.equal(a, b) for a, b in zip(reused.batches(1), fresh.batches(1), strict=True))
+    assert not torch.equal(reused.batches(1)[0], bench.build(bench.train_options(
+        "eager_fp32", settings, small_data))[0].batches(1)[0])  # seed 0's order differs
+
+
+def test_time_to_accuracy_over_seeds(small_data, one_thread):
+    settings = settings_for(small_data, "--time-to-accuracy", "0.01", "--seeds", "3,4", train=["--epochs", "2"])
+    assert settings.seeds == (3, 4)
+    result = bench.measure(bench.train_options("eager_fp32", settings, small_data), notebook=False,
+                           steps=1, warmup=1, target=0.01, seeds=[3, 4])["time_to_accuracy"]
+    assert result["seeds"] == [3, 4] == [r["seed"] for r in result["per_seed"]]
+    assert result["reached"] == 2 and result["epochs"] == [1, 1]
+    seconds = [r["seconds"] for r in result["per_seed"]]
+    assert result["seconds"] == round(sum(seconds) / 2, 3) and result["seconds_min"] == min(seconds)
+    assert "2/2 seeds, mean" in bench.table([{"config": "eager_fp32", "time_to_accuracy": result, "skipped": None,
+                                              "error": None}])
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--seeds", "1,2"], "--seeds needs --time-to-accuracy"),
+                                            (["--time-to-accuracy", "0.9", "--seeds", "1,x"], "whole numbers")])
+def test_bad_seeds_are_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--quick", *argv])
+    assert exit_.value.code == 2 and fragment in capsys.readouterr().err
