@@ -20,14 +20,26 @@ def results(out: Path, step: str) -> list[str]:
                 + json.dumps(found["max_relative_error"])] if found else ["  (no result file)"]
     if step.endswith("_recipe"):
         report = out / step / "classification_report.json"
-        train = [r for r in jsonl(out / step / "metrics.jsonl") if r.get("event") == "train"][1:]
+        records = jsonl(out / step / "metrics.jsonl")
+        train = [r for r in records if r.get("event") == "train"][1:]
         speed = sorted(r["images_per_s"] for r in train)
-        return [f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else "  no report",
+        evals = [r for r in records if r.get("event") == "eval"]
+        cut = f"  no report; last evaluation: epoch {evals[-1]['epoch']}, test accuracy {evals[-1]['test_acc']:.4f}" \
+            if evals else "  no report, no evaluation"
+        return [f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
+                f"  training images/s, best logged window: {speed[-1]:,.0f}" if speed else "",
                 f"  training images/s, median of logged windows: {speed[len(speed) // 2]:,.0f}" if speed else ""]
     if step.startswith(("bench", "fast_seed")):
         lines = []
         for row in jsonl(out / f"{step}.jsonl"):
             tta = row.get("time_to_accuracy") or {}
+            if "per_seed" in tta:  # --seeds: the summary, then one line per seed
+                lines.append(f"  {row['config']}: to {tta['target']} in {tta['reached']}/{len(tta['seeds'])} seeds; "
+                             f"seconds mean {tta['seconds']} sd {tta['seconds_sd']} range {tta['seconds_min']}-"
+                             f"{tta['seconds_max']}; epochs {tta['epochs']}")
+                lines += [f"    seed {r['seed']}: {r['seconds']} s, accuracy per epoch {r['accuracy_per_epoch']}"
+                          for r in tta["per_seed"]]
+                continue
             lines.append(f"  {row['config']}: {row['images_per_s'] or '-'} images/s, x{row['speedup_vs_notebook'] or '-'}"
                          f" notebook, warm-up {row['warmup_s']} s" + (f", to {tta['target']}: {tta['seconds']} s in "
                          f"{tta['epochs']} epochs, accuracy per epoch {tta['accuracy_per_epoch']}" if tta else "")
