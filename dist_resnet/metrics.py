@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
 
 MISCLASSIFIED_SHOWN = 36  # wrong predictions shown, in misclassified.png and in the W&B panel alike
 
@@ -28,6 +27,8 @@ class Evaluation:
     def report(self) -> tuple[str, dict]:
         """scikit-learn's classification report: the text, and its output_dict form. Every
         class is listed, present in the test set or not."""
+        from sklearn.metrics import classification_report  # here: the plots' child process needs no sklearn
+
         kwargs = dict(labels=list(range(len(self.class_names))), target_names=list(self.class_names),
                       zero_division=0)
         text = classification_report(self.labels, self.predictions, digits=4, **kwargs)
@@ -39,6 +40,8 @@ class Evaluation:
         return np.flatnonzero(self.labels != self.predictions)[:limit]
 
     def confusion(self) -> np.ndarray:
+        from sklearn.metrics import confusion_matrix
+
         return confusion_matrix(self.labels, self.predictions, labels=list(range(len(self.class_names))))
 
 
