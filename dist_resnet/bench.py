@@ -38,6 +38,8 @@ CONFIGS = {  # name: (what it is, train.py options)
     "bf16_channels_last": ("+ bf16 autocast + channels-last", [*SPEED["bf16"], "--no-compile"]),
     "compiled": ("+ torch.compile", [*SPEED["bf16"], "--compile"]),
     "compiled_cudagraphs": ("+ CUDA graphs", [*SPEED["bf16"], "--compile", "--compile-mode", "reduce-overhead"]),
+    "compiled_max_autotune": ("compiled, Triton kernels tuned by benchmarking (max-autotune)",
+                              [*SPEED["bf16"], "--compile", "--compile-mode", "max-autotune"]),
     "compiled_augment": ("compiled + --augment", [*SPEED["bf16"], "--compile", "--augment"]),
     # The streaming path beside eager_fp32: where it stops being the bottleneck, by loader workers.
     **{f"stream_{n}_workers": (f"eager_fp32, streamed by a DataLoader with {n} worker process(es)",
@@ -124,6 +126,8 @@ def skip_reason(name: str, settings: Settings) -> str | None:
     options = CONFIGS[name][1]
     if "reduce-overhead" in options and settings.device != "cuda":
         return "CUDA graphs need a CUDA device"
+    if "max-autotune" in options and name not in settings.named:
+        return "it compiles for minutes: name it in --configs"
     if "--data-path" in options and settings.quick and name not in settings.named:
         return "the streaming path: name it in --configs"
     if "--compile" in options and settings.device == "cpu" and settings.quick and name not in settings.named:

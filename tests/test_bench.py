@@ -51,6 +51,9 @@ def test_skipped_configs_say_why(quick_run):
     rows = {r["config"]: r for r in map(json.loads, quick_run[1].read_text().splitlines())}
     assert all("pass --configs to force" in rows[name]["skipped"] for name in ("compiled", "compiled_augment"))
     assert "CUDA" in rows["compiled_cudagraphs"]["skipped"]
+    assert "name it in --configs" in rows["compiled_max_autotune"]["skipped"]
+    assert bench.skip_reason("compiled_max_autotune", bench.parse_args(
+        ["--device", "cpu", "--configs", "compiled_max_autotune"])) is None  # named: it runs
     for name in ("compiled", "compiled_cudagraphs", "compiled_augment"):
         assert rows[name]["error"] is None
         assert rows[name]["images_per_s"] is None and rows[name]["speedup_vs_notebook"] is None
