@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--data-dir", help="MNIST; without it, synthetic data that measures speed only")
     p.add_argument("--steps", type=positive(int), help="timed steps (default: 50 on CUDA, 10 on CPU, --quick 3)")
     p.add_argument("--warmup", type=positive(int), help="untimed steps first (default: 10 on CUDA, 2 on CPU, --quick 1)")
-    p.add_argument("--configs", help=f"comma-separated, from {','.join(CONFIGS)} (default all; notebook always runs)")
+    p.add_argument("--configs", help=f"comma-separated, from {','.join(CONFIGS)} "
+                   "(default all but compiled_max_autotune; notebook always runs)")
     p.add_argument("--quick", action="store_true", help="CPU smoke mode: " + " ".join(QUICK) + ", synthetic data, "
                    "no compiled configs unless named in --configs")
     p.add_argument("--json-out", help="also write the JSON lines to this file")
