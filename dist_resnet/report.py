@@ -4,7 +4,6 @@ the steps), and a plot that cannot be drawn or written is a warning, never a fai
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -53,7 +52,7 @@ REDRAW_EVERY_S = 30.0
 
 
 class Plots:
-    """The plots of one directory, drawn by a child process (`python -m dist_resnet.report`)
+    """The plots of one directory, drawn by a child process (dist_resnet.report as __main__)
     from a request of plain arrays. draw() while a drawing runs, or sooner than redraw_every_s
     after the last one began, is skipped; finish() draws the final evaluation and waits."""
 
@@ -100,13 +99,15 @@ class Plots:
                      else np.zeros((0, 1, 1), np.uint8))
             (self.request / "request.json").write_text(json.dumps(
                 {"class_names": list(evaluation.class_names), "records": records}))
-            # The package's parent on the path: train.py may run from a checkout, uninstalled.
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            self.child = subprocess.Popen([sys.executable, "-m", "dist_resnet.report", str(self.request),
-                                           str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, text=True, env=env,
-                                          start_new_session=True)  # a terminal's Ctrl-C goes to the run only
+            # The child imports this very copy of the package: `python -m` would put the current
+            # directory first, and a checkout there would win over the one running.
+            root = str(Path(__file__).resolve().parent.parent)
+            self.child = subprocess.Popen(
+                [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                 "runpy.run_module('dist_resnet.report', run_name='__main__')", root, str(self.request),
+                 str(self.directory.resolve())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, text=True,
+                start_new_session=True)  # a terminal's Ctrl-C goes to the run only
         except OSError as err:  # a full temporary disk, too many processes: plots are never a failure
             self._warn("start", f"warning: no plots drawn ({err.strerror or err})")
             shutil.rmtree(self.request, ignore_errors=True)
@@ -141,8 +142,10 @@ def draw_request(request: Path, directory: Path) -> list[str]:
     "name<TAB>warning" for each plot that could not be drawn or written."""
     from dist_resnet import plots
 
-    arrays = np.load(request / "arrays.npz", allow_pickle=False)
+    with np.load(request / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
     described = json.loads((request / "request.json").read_text())
+    shutil.rmtree(request, ignore_errors=True)  # read: gone even if the run was killed meanwhile
     names, records = described["class_names"], described["records"]
     shown = dict(zip(arrays["shown_index"].tolist(), arrays["shown_images"]))
     drawings = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(arrays["confusion"], names),

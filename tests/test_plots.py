@@ -128,3 +128,21 @@ def test_a_plot_that_cannot_be_written_is_one_warning_and_the_others_are_drawn(t
         plots_.close()
     assert len(said) == 1 and "curves.png not written (IsADirectoryError" in said[0]
     assert_png((tmp_path / "confusion_matrix.png").read_bytes())
+
+
+def test_the_child_draws_with_this_copy_of_the_package_whatever_the_directory(tmp_path, monkeypatch):
+    """A checkout in the current directory must not stand in for the package that runs: its
+    report.py here would leave a marker and draw nothing."""
+    from dist_resnet import report
+
+    other = tmp_path / "elsewhere" / "dist_resnet"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "report.py").write_text(f"open({str(tmp_path / 'marker')!r}, 'w').close()\n")
+    monkeypatch.chdir(other.parent)
+    out = tmp_path / "out"
+    out.mkdir()
+    plots_ = report.Plots(out, say=pytest.fail)
+    assert set(plots_.finish(evaluation(), np.zeros((20, 1, 8, 8), np.uint8), None)) == {
+        "confusion_matrix", "misclassified"}
+    assert not (tmp_path / "marker").exists()
