@@ -186,7 +186,7 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
     # timed steps and the time to accuracy do not.
     last = run.batches(0)[-1]  # the notebook's loader drops its ragged batch
     if not notebook and len(last) != run.per_process_batch:
-        run.step_on(*next(run.train.batches([last])))
+        run.step(last)
     synchronize(device)
     warmup_s = time.perf_counter() - start
 

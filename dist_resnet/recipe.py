@@ -132,8 +132,7 @@ class Recipe:
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (--clip-grad)
 
-        set_seed(config.seed)  # the initial weights come from the seed, the same on every rank
-        net = ResNet(config.widths, self.spec.channels, len(self.spec.class_names))
+        net = self._initial_net(config.seed)
         self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
         if self.sync_bn:
             net = convert_sync_bn(net)
@@ -157,6 +156,11 @@ class Recipe:
         self.ema = WeightEMA(self.net, config.ema) if config.ema else None
         self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
 
+    def _initial_net(self, seed: int) -> ResNet:
+        """The model's initial weights: they come from the seed, the same on every rank."""
+        set_seed(seed)
+        return ResNet(self.config.widths, self.spec.channels, len(self.spec.class_names))
+
     def state(self) -> dict:
         """Everything a checkpoint restores besides the random generators: name -> an object
         with state_dict() and load_state_dict()."""
@@ -169,8 +173,7 @@ class Recipe:
         compiled (the benchmark times training from scratch without compiling again). With a
         seed, to the initial weights and data order of a run with that --seed."""
         if seed is not None:
-            set_seed(seed)  # the draws __init__ makes for the initial weights
-            initial = ResNet(self.config.widths, self.spec.channels, len(self.spec.class_names)).state_dict()
+            initial = self._initial_net(seed).state_dict()
             self._initial["model"] = initial  # the same names with SyncBatchNorm
             if self.ema is not None:
                 self._initial["ema"] = {"weights": initial}

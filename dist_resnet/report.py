@@ -164,7 +164,7 @@ def draw_request(request: Path, directory: Path) -> list[str]:
     return warnings
 
 
-if __name__ == "__main__":  # the child Plots starts: python -m dist_resnet.report REQUEST DIRECTORY
+if __name__ == "__main__":  # the child Plots starts, with arguments REQUEST DIRECTORY
     # A stop signal is for the run (Slurm signals every process of a job): a drawing under way
     # ends in a second or so, and the stopping run waits for it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
