@@ -252,12 +252,12 @@ def time_to_accuracy(run: recipe.Recipe, test, epochs, target: float, seed: int 
 
 def over_seeds(runs: list[dict]) -> dict:
     """Several seeds' times to accuracy: each run, and the mean, spread and range of the
-    seconds over the seeds that reached the target (seconds: None unless every seed did)."""
+    seconds over the seeds that reached the target (mean and spread: None unless every seed did)."""
     reached = [r["seconds"] for r in runs if r["seconds"] is not None]
     every = len(reached) == len(runs)
     return {"target": runs[0]["target"], "seeds": [r["seed"] for r in runs], "reached": len(reached),
             "seconds": round(float(np.mean(reached)), 3) if every else None,
-            "seconds_sd": round(float(np.std(reached, ddof=1)), 3) if every and len(reached) > 1 else 0.0,
+            "seconds_sd": None if not every else round(float(np.std(reached, ddof=1)), 3) if len(reached) > 1 else 0.0,
             "seconds_min": min(reached, default=None), "seconds_max": max(reached, default=None),
             "epochs": [r["epochs"] for r in runs], "lowest_best_accuracy": min(r["best_accuracy"] for r in runs),
             "per_seed": runs}

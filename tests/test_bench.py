@@ -230,6 +230,8 @@ def test_time_to_accuracy_over_seeds(small_data, one_thread):
     assert result["reached"] == 2 and result["epochs"] == [1, 1]
     seconds = [r["seconds"] for r in result["per_seed"]]
     assert result["seconds"] == round(sum(seconds) / 2, 3) and result["seconds_min"] == min(seconds)
+    partly = bench.over_seeds([*result["per_seed"], {**result["per_seed"][0], "seed": 5, "seconds": None}])
+    assert partly["reached"] == 2 and partly["seconds"] is None and partly["seconds_sd"] is None
     assert "2/2 seeds, mean" in bench.table([{"config": "eager_fp32", "time_to_accuracy": result, "skipped": None,
                                               "error": None}])
 
