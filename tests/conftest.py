@@ -135,3 +135,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, fragme
     assert result.returncode == code, describe(result)
     assert len(error_lines(result.stderr)) == 1 and fragment in error_lines(result.stderr)[0], describe(result)
     assert "Traceback" not in result.stderr + result.stdout, describe(result)
+
+
+def parse_error(argv: list[str], capsys) -> str:
+    """The one line that a bad train.py command line ends with (exit code 2)."""
+    from dist_resnet.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err  # the error alone, not argparse's usage
+    assert err.startswith("dist_resnet/train.py: error: "), err
+    return err

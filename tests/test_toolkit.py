@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import parse_error
 from dist_resnet import checkpoint, data
 from dist_resnet.config import Config
 from dist_resnet.recipe import LossWindow, Recipe
@@ -132,16 +133,6 @@ def test_a_record_written_before_the_new_options_reads_as_their_defaults():
     for name in ADDED_OPTIONS:
         del values[name]
     assert Config.from_dict(values, "old config.json") == Config()
-
-
-def parse_error(argv: list[str], capsys) -> str:
-    """The one line that a bad command line ends with (exit code 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("dist_resnet/train.py: error: "), err
-    return err
 
 
 @pytest.mark.parametrize("argv, fragment", [
