@@ -21,17 +21,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_resnet import files
+from dist_resnet import files, profiling
 from dist_resnet.config import MIXED_PRECISION, Config, from_values, resume_mismatches
 
 FORMAT = 1  # of config.json; another value is refused
 RECORD = "config.json"
 # Every name a run writes into its output directory (tests/test_rundir.py keeps this true):
 # what marks a directory as a run's, and what --overwrite deletes.
-RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "classification_report.txt",
+EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
+BEST_WEIGHTS = "model-best.safetensors"  # --keep-best: the weights of the best evaluation
+RUN_FILES = (RECORD, "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
-             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", "model-ema.safetensors",
-             "model-best.safetensors", "profile-trace.json", "profile-ops.txt")
+             "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", EMA_WEIGHTS,
+             BEST_WEIGHTS, profiling.TRACE, profiling.TABLE)
 
 
 class RunDirError(Exception):

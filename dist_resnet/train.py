@@ -23,8 +23,6 @@ from dist_resnet.config import Config, ExitCode, options_given, parse_config
 from dist_resnet.model import CARD_KEY, count_parameters
 
 PROG = "dist_resnet/train.py"
-EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
-BEST_WEIGHTS = "model-best.safetensors"  # --keep-best: the weights of the best evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -295,7 +293,7 @@ class Run:
             return
         if self.config.keep_best:
             def write():
-                self.write_weights("best", BEST_WEIGHTS, self.recipe.net, {
+                self.write_weights("best", rundir.BEST_WEIGHTS, self.recipe.net, {
                     "step": str(self.step), "metric": self.best.metric, "value": repr(self.best.value)})
             self.together(write, main_only=True)
 
@@ -366,7 +364,7 @@ class Run:
         def write():
             self.write_weights("final", "model.safetensors", self.recipe.net)
             if self.recipe.ema is not None:
-                self.write_weights("final", EMA_WEIGHTS, self.recipe.ema.model)
+                self.write_weights("final", rundir.EMA_WEIGHTS, self.recipe.ema.model)
         try:
             self.together(write, main_only=True)
         except rundir.CannotWrite as err:
@@ -416,7 +414,7 @@ class Run:
         try:
             # With --ema two sets of weights exist: the report names the one it describes.
             title = None if self.recipe.ema is None else (
-                "Weights: model.safetensors (the raw weights; the EMA weights, " + EMA_WEIGHTS
+                "Weights: model.safetensors (the raw weights; the EMA weights, " + rundir.EMA_WEIGHTS
                 + f", reach accuracy {self.ema_evaluation.accuracy:.4f})")
             text, table = report.write_report(self.evaluation, self.output_dir, title)
         except OSError as err:
