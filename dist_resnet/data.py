@@ -232,9 +232,11 @@ def random_crop_flip(images: torch.Tensor, padding: int | None = None) -> torch.
     cols = torch.arange(width, device=device).expand(n, width)
     cols = torch.where(flip, width - 1 - cols, cols) + dx  # a mirrored crop reads its columns backwards
     rows = torch.arange(height, device=device).expand(n, height) + dy
-    batch = torch.arange(n, device=device).view(n, 1, 1)
-    # [n, height, width, channels] by advanced indexing, then back to channels first.
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # Each image's rows, then its columns, by two gathers. Advanced indexing with three
+    # broadcast index tensors gives the same values, but corrupted the heap on the CPU in
+    # torch 2.14 (a crash in the next backward pass; docs/results.md).
+    picked = padded.gather(2, rows[:, None, :, None].expand(n, channels, height, padded.shape[3]))
+    return picked.gather(3, cols[:, None, None, :].expand(n, channels, height, width))
 
 
 # name -> augmentation of a uint8 batch on the device (float 0-255 out); a data set names its own.
