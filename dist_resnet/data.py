@@ -181,7 +181,15 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None, name:
     return images.unsqueeze(1).contiguous(), labels.long()
 
 
+IDX_MAX_BYTES = 256 * 2**20  # the largest file of the family, the training images, has 47 MB
+
+
 def _read(path: Path, reader) -> torch.Tensor:
+    # Checked before it is opened: a FIFO would block, and a file is read whole.
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    if path.is_file() and path.stat().st_size > IDX_MAX_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, more than an MNIST IDX file holds")
     try:
         return reader(str(path))
     except Exception as err:  # torchvision asserts, or fails in view() on a truncated file
@@ -269,18 +277,51 @@ class DataSpec:
 
     @classmethod
     def from_card(cls, card: dict) -> "DataSpec":
-        """The DataSpec that card() described; ValueError if the description is damaged."""
-        try:
-            return cls(str(card["dataset"]), int(card["channels"]), tuple(map(int, card["image_size"])),
-                       tuple(map(str, card["class_names"])), tuple(map(float, card["mean"])),
-                       tuple(map(float, card["std"])), str(card["augmentation"]))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("its description of the model is damaged") from None
+        """The DataSpec that card() described, every field of its type and within the bounds
+        a run can train with; ValueError naming the first field that is not."""
+        def field(name, ok, expected):
+            value = card.get(name)
+            if not ok(value):
+                raise ValueError(f"its description of the model is damaged: {name} must be {expected}, "
+                                 f"got {_clipped(value)}")
+            return value
+
+        def numbers(value) -> bool:
+            return (type(value) is list and 0 < len(value) <= MAX_CHANNELS
+                    and all(type(v) in (int, float) and math.isfinite(v) for v in value))
+
+        if not isinstance(card, dict):
+            raise ValueError("its description of the model is damaged: not a JSON object")
+        name = field("dataset", lambda v: type(v) is str and 0 < len(v) <= 64, "a data set's name")
+        channels = field("channels", lambda v: type(v) is int and v in (1, 3), "1 or 3")
+        size = field("image_size", lambda v: type(v) is list and len(v) == 2
+                     and all(type(d) is int and 0 < d <= MAX_IMAGE_SIDE for d in v),
+                     f"[height, width], each from 1 to {MAX_IMAGE_SIDE}")
+        names = field("class_names", lambda v: type(v) is list and 1 < len(v) <= MAX_CARD_CLASSES
+                      and all(type(n) is str and 0 < len(n) <= 1024 for n in v),
+                      f"a list of 2 to {MAX_CARD_CLASSES} names")
+        field("classes", lambda v: type(v) is int and v == len(names), f"the number of class_names, {len(names)}")
+        mean = field("mean", lambda v: numbers(v) and len(v) in (1, channels), "one number, or one per channel")
+        std = field("std", lambda v: numbers(v) and len(v) in (1, channels) and min(v) > 0,
+                    "one positive number, or one per channel")
+        augmentation = field("augmentation", lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}")
+        return cls(name, channels, tuple(size), tuple(names), tuple(map(float, mean)), tuple(map(float, std)),
+                   augmentation)
 
     @property
     def image_bytes(self) -> int:
         """The uint8 pixels of one image."""
         return self.channels * self.size[0] * self.size[1]
+
+
+MAX_CHANNELS = 4
+MAX_IMAGE_SIDE = 4096  # as --image-size
+MAX_CARD_CLASSES = 100_000
+
+
+def _clipped(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 MNIST_SPEC = DataSpec("mnist", 1, (28, 28), tuple(str(d) for d in range(10)), (MEAN,), (STD,), "affine")

@@ -21,8 +21,10 @@ from PIL import Image
 from dist_resnet import data
 from dist_resnet.config import Config
 from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, DataSpec, ensure_mnist, load_split
+from dist_resnet.images import EXTENSIONS, InputError, open_image, to_8bit
+from dist_resnet.model import ResNet, WeightsError, read_card
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = tuple(sorted(EXTENSIONS))
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -73,6 +75,8 @@ def _idx(name: str) -> Dataset:
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_BATCH = 10000  # images in each batch file
+CIFAR_MAX_BYTES = 64 * 2**20  # a batch file is 31 MB: its pixels, its labels and their pickling
 CIFAR_SPEC = DataSpec("cifar10", 3, (32, 32), CIFAR_CLASSES, (0.4914, 0.4822, 0.4465),
                       (0.2470, 0.2435, 0.2616), "crop-flip")
 
@@ -95,14 +99,24 @@ class _ArraysOnly(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block
+            raise ValueError("not a regular file")
+        if path.exists() and path.stat().st_size > CIFAR_MAX_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes; a batch file has about 31 MB")
         with open(path, "rb") as file:
             batch = _ArraysOnly(io.BufferedReader(file), encoding="bytes").load()
         if not isinstance(batch, dict):
             raise ValueError("not a dict")
-        images = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
-        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(labels) != len(images):
-            raise ValueError(f"data of shape {images.shape} with {len(labels)} labels")
+        # The format's own shapes, checked before anything is converted: a small pickle can
+        # share one list many times over, and converting that would allocate for every copy.
+        images, labels = batch[b"data"], batch.get(b"labels", batch.get(b"fine_labels"))
+        if not (type(images) is np.ndarray and images.dtype == np.uint8 and images.ndim == 2
+                and 0 < len(images) <= CIFAR_BATCH and images.shape[1] == 3 * 32 * 32):
+            shape = images.shape if isinstance(images, np.ndarray) else type(images).__name__
+            raise ValueError(f"data of shape {shape}; the format has uint8 arrays of at most {CIFAR_BATCH} x 3072")
+        if not (type(labels) is list and len(labels) == len(images) and all(type(v) is int for v in labels)):
+            raise ValueError(f"labels are not a list of {len(images)} whole numbers")
+        labels = np.asarray(labels, dtype=np.int64)
     except FileNotFoundError:
         raise DataError(f"{path}: missing; CIFAR-10 goes in DATA_DIR/{CIFAR_FOLDER}/ as torchvision "
                         "downloads it (data_batch_1..5, test_batch)") from None
@@ -159,12 +173,14 @@ class FileSplit(torch.utils.data.Dataset):
     def read(self, i: int) -> torch.Tensor:
         path = self.files[i]
         try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.spec.channels == 1 else "RGB")
+            with open_image(path) as image:
+                image = to_8bit(image).convert("L" if self.spec.channels == 1 else "RGB")
                 height, width = self.spec.size
                 if image.size != (width, height):
                     image = image.resize((width, height), Image.Resampling.BILINEAR)
                 pixels = np.array(image, dtype=np.uint8)
+        except InputError as err:
+            raise DataError(f"{path}: {err}") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: not a readable image ({' '.join(str(err).split())[:160]})") from None
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -201,6 +217,13 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
     return found
 
 
+def _shown(name: str) -> str:
+    """A folder name as reports, plots and trackers show it: bytes that are not UTF-8 (the
+    file system allows any) and characters that are not printable as backslash escapes."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _ordered(found: dict[str, list[Path]], class_names: tuple[str, ...]) -> tuple[list[Path], list[int]]:
     """The samples ordered by file name, then class: an export that numbers its files (as
     MNIST exported to PNG does) keeps its original order, so its batches are the original's."""
@@ -215,9 +238,11 @@ def _scan(paths: list[Path]) -> tuple[bool, dict[tuple[int, int], Path]]:
     grey, sizes = True, {}
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 grey = grey and image.mode in GREY_MODES
                 sizes.setdefault(image.size, path)
+        except InputError as err:
+            raise DataError(f"{path}: {err}") from None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: not a readable image ({' '.join(str(err).split())[:160]})") from None
     return grey, sizes
@@ -238,6 +263,9 @@ def _open_imagefolder(options: Options) -> tuple[FileSplit, FileSplit]:
     root = Path(options.data_dir)
     train, test = _class_files(root / "train"), _class_files(root / "test")
     class_names = tuple(train)
+    if len(class_names) < 2:
+        raise DataError(f"{root / 'train'}: one class folder ({_shown(class_names[0])}); a classifier needs "
+                        "at least two (one folder per class)")
     unknown = sorted(test.keys() - train.keys())
     if unknown:
         raise DataError(f"{root / 'test'}: class folder(s) {', '.join(unknown)} not in {root / 'train'}; "
@@ -253,7 +281,11 @@ def _open_imagefolder(options: Options) -> tuple[FileSplit, FileSplit]:
         raise DataError(f"images of different sizes ({file_a} is {size_a[0]}x{size_a[1]}, {file_b} is "
                         f"{size_b[0]}x{size_b[1]}): give --image-size N to resize them all to NxN")
     channels = 1 if grey else 3
-    spec = DataSpec("imagefolder", channels, size, class_names, (0.5,) * channels, (0.5,) * channels, "crop-flip")
+    shown = tuple(map(_shown, class_names))
+    if len(set(shown)) < len(shown):
+        raise DataError(f"{root / 'train'}: class folders whose names differ only in bytes that are not "
+                        "UTF-8 text; rename them")
+    spec = DataSpec("imagefolder", channels, size, shown, (0.5,) * channels, (0.5,) * channels, "crop-flip")
     return FileSplit(*_ordered(train, class_names), spec), FileSplit(*_ordered(test, class_names), spec)
 
 
@@ -272,6 +304,29 @@ DATASETS: dict[str, Dataset] = {
     "cifar10": Dataset("cifar10", _fetch_cifar, _open_cifar, "resize"),
     "imagefolder": Dataset("imagefolder", _fetch_imagefolder, _open_imagefolder, "resize"),
 }
+
+
+def card_spec(weights: Path, model: ResNet) -> DataSpec | None:
+    """What a weights file says its model was trained on, checked field by field
+    (DataSpec.from_card), against the data sets this version knows, and against the model's
+    own tensors (channels, classes); None for a file that says nothing (an MNIST model, as
+    all were before weights carried a card). WeightsError naming the file otherwise. The one
+    reader of a weights card, for evaluate, predict and export."""
+    card = read_card(weights)
+    if card is None:
+        return None
+    try:
+        spec = DataSpec.from_card(card)
+    except ValueError as err:
+        raise WeightsError(f"{weights}: {err}") from None
+    if spec.name not in DATASETS:
+        raise WeightsError(f"{weights}: trained on {spec.name[:64]!r}, a data set this version does not know "
+                           f"({', '.join(DATASETS)})")
+    channels, classes = model.blocks[0].conv1.in_channels, model.fc.out_features
+    if (channels, classes) != (spec.channels, len(spec.class_names)):
+        raise WeightsError(f"{weights}: its description ({spec.channels} channel(s), {len(spec.class_names)} "
+                           f"classes) does not fit its weights ({channels} channel(s), {classes} classes)")
+    return spec
 
 
 def open_splits(name: str, options: Options, train_limit: int | None = None,

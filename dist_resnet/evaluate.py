@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dist_resnet import checkpoint, cli, data, datasets, distributed, recipe, report, rundir
 from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, positive, rank_from_env
-from dist_resnet.model import WeightsError, load_model, read_card
+from dist_resnet.model import WeightsError, load_model
 
 PROG = "dist_resnet/evaluate.py"
 
@@ -93,16 +93,31 @@ def find_source(path: Path) -> Source:
                   record.facts.resolved_mixed_precision, directory / "eval")
 
 
-def test_split(options: Options, source: Source, model):
+def read_weights(path: Path):
+    """(source, model, what its weights file says it was trained on) for `path`. A run's newest
+    checkpoint can be deleted while it is read (the running run writes a newer one and deletes
+    the oldest): then the run's newest checkpoint is read again."""
+    for attempt in range(3):
+        try:
+            source = find_source(path)
+            model = load_model(source.weights, WIDTHS.accepts)
+            return source, model, datasets.card_spec(source.weights, model)
+        except (WeightsError, checkpoint.CheckpointError):
+            unfinished_run = (path / rundir.RECORD).is_file() and not (path / "model.safetensors").exists()
+            if attempt == 2 or not unfinished_run:
+                raise
+
+
+def test_split(options: Options, source: Source, model, card):
     """The test split the weights are evaluated on: the run's data set, size and
-    normalisation (else what the weights file says), checked against the model."""
-    card, config = read_card(source.weights) or {}, source.config
-    name = options.dataset or (config.dataset if config else card.get("dataset", "mnist"))
-    if card.get("dataset", name) != name:
-        raise WeightsError(f"{source.weights} was trained on {card['dataset']}, not --dataset {name}")
+    normalisation (else what the weights file says, card), checked against the model."""
+    config = source.config
+    name = options.dataset or (config.dataset if config else card.name if card else "mnist")
+    if card and card.name != name:
+        raise WeightsError(f"{source.weights} was trained on {card.name}, not --dataset {name}")
     image_size = config.image_size if config else None
     data_options = datasets.Options(options.data_dir or source.data_dir, image_size=image_size)
-    mean, std = (config.mean, config.std) if config else (card.get("mean"), card.get("std"))
+    mean, std = (config.mean, config.std) if config else (card.mean, card.std) if card else (None, None)
     test = datasets.open_test(name, data_options, options.test_limit or source.test_limit,
                               mean and tuple(mean), std and tuple(std))
     spec, classes = test.spec, model.fc.out_features
@@ -110,16 +125,17 @@ def test_split(options: Options, source: Source, model):
         raise WeightsError(f"{source.weights}: a model of {model.blocks[0].conv1.in_channels} channel(s) and "
                            f"{classes} classes does not fit {name} ({spec.channels} channel(s), "
                            f"{len(spec.class_names)} classes)")
-    if card.get("class_names", list(spec.class_names)) != list(spec.class_names):
-        raise WeightsError(f"{source.weights}: trained on the classes {', '.join(card['class_names'][:5])}..., "
+    if card and card.class_names != spec.class_names:
+        raise WeightsError(f"{source.weights}: trained on the classes {', '.join(card.class_names[:5])}..., "
                            f"not those in {data_options.data_dir} ({', '.join(spec.class_names[:5])}...)")
     return test
 
 
+@cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
-        source = find_source(options.weights)
+        source, model, card = read_weights(options.weights)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err, show=rank_from_env() == 0)
     accelerator = distributed.setup(cpu=options.cpu, timeout_s=Config.dist_timeout,
@@ -128,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if source.note:
             say(source.note)
-        model = load_model(source.weights, WIDTHS.accepts).to(accelerator.device)
-        test = test_split(options, source, model)
+        model = model.to(accelerator.device)
+        test = test_split(options, source, model, card)
         path, _ = data.choose_path("auto", len(test) * test.spec.image_bytes, accelerator.device,
                                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         test = data.source(test, path, accelerator.device, workers=0)

@@ -9,6 +9,7 @@ its files hold) and returns the logits [N, classes]: the normalisation is inside
 """
 
 import io
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, datasets, files
+from dist_resnet import checkpoint, cli, data, datasets, files
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
-from dist_resnet.model import load_model, read_card, weights_path
+from dist_resnet.model import load_model, weights_path
 
 PROG = "dist_resnet/export.py"
 OPSET = 17
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="a model.safetensors file (model-ema.safetensors, model-best.safetensors too), "
                         "a run's output directory or a checkpoint directory holding one")
     parser.add_argument("--output", type=Path, default=None,
-                        help="the ONNX file to write (default: model.onnx beside the weights file)")
+                        help="the ONNX file to write; it may replace only an ONNX file (default: model.onnx beside the "
+                        "weights file; for a checkpoint, model-step-N.onnx in its run's directory)")
     parser.add_argument("--data-dir", default="./data",
                         help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the check")
     parser.add_argument("--check-images", type=positive(int), default=1000, metavar="N",
@@ -96,31 +98,53 @@ def check(content: bytes, model: torch.nn.Module, images: torch.Tensor,
     return difference
 
 
-def test_images(args: Options) -> tuple[torch.Tensor, data.DataSpec]:
+def test_images(args: Options, model: torch.nn.Module) -> tuple[torch.Tensor, data.DataSpec]:
     """The first --check-images test images of the data set the weights file names (MNIST for
     a file that names none), at the size and with the normalisation it was trained with."""
-    card = read_card(weights_path(args.weights)) or {}
-    size = card.get("image_size")
+    card = datasets.card_spec(weights_path(args.weights), model)
+    size = card.size if card else None
     options = datasets.Options(args.data_dir, image_size=size[0] if size and size[0] == size[1] else None)
-    test = datasets.open_test(card.get("dataset", "mnist"), options, args.check_images,
-                              tuple(card.get("mean", ())) or None, tuple(card.get("std", ())) or None)
+    test = datasets.open_test(card.name if card else "mnist", options, args.check_images,
+                              card.mean if card else None, card.std if card else None)
     images, _ = test.load_all()
     return images, test.spec
 
 
+def output_path(weights: Path, output: Path | None) -> Path:
+    """Where the ONNX file goes: --output, which may replace only an ONNX file (never the
+    weights, nor anything else), else model.onnx beside the weights, or for a checkpoint's
+    weights model-step-N.onnx in the run's directory: checkpoints are deleted as newer ones
+    are written, and whatever is inside them with them."""
+    if output is None:
+        if checkpoint.NAME.fullmatch(weights.parent.name) and weights.parent.parent.name == "checkpoints":
+            return weights.parent.parent.parent / f"model-{weights.parent.name}.onnx"
+        return weights.with_name("model.onnx")
+    if output.exists() and weights.exists() and output.samefile(weights):
+        raise ValueError(f"--output {output} is the weights file being exported: choose another path")
+    if output.is_dir() or (os.path.lexists(output) and output.suffix.lower() != ".onnx"):
+        raise ValueError(f"--output {output} exists and is not an .onnx file: choose another path")
+    if output.parent.parent.name == "checkpoints" and checkpoint.NAME.fullmatch(output.parent.name):
+        raise ValueError(f"--output {output} is inside a checkpoint, which is deleted when newer ones "
+                         "are written: choose a path outside checkpoints/")
+    return output
+
+
+@cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        output = output_path(weights_path(args.weights), args.output)
+    except ValueError as err:  # before any work: refused in a second, not after the check
+        return cli.fail(PROG, err, code=ExitCode.BAD_INPUT)
+    try:
         model = load_model(args.weights, WIDTHS.accepts).eval()
-        images, spec = test_images(args)
+        images, spec = test_images(args, model)
         content = onnx_bytes(model, spec)
         difference = check(content, model, images, spec)
     except CheckFailed as err:
         return cli.fail(PROG, err, code=ExitCode.FAILED)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err)
-    weights = args.weights / "model.safetensors" if args.weights.is_dir() else args.weights
-    output = args.output or weights.with_name("model.onnx")
     try:
         files.write_atomic(output, content)
     except OSError as err:
@@ -128,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {output}: onnxruntime gives PyTorch's predictions on {len(images)} test images, "
           f"logits within {difference:.2g} (tolerance {LOGIT_TOLERANCE:g})")
     return ExitCode.OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

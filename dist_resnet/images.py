@@ -7,6 +7,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
+# The only decoders a file may reach, whatever its name says: Pillow picks a decoder by a
+# file's content, and some of its others run outside programs (EPS runs Ghostscript) or are
+# rarely hardened. Image.open(path, formats=...) never tries any other.
+FORMATS = ("PNG", "JPEG")
 # A pixel belongs to the digit above this fraction of the ink range: low enough to keep the
 # anti-aliased edges of a stroke, high enough to ignore JPEG ringing and paper texture.
 INK_THRESHOLD = 0.2
@@ -17,6 +21,44 @@ class InputError(Exception):
     """An input path that is missing, not an image, or holds no digit."""
 
 
+def open_image(path: Path) -> Image.Image:
+    """The image file at path, opened as PNG or JPEG only (FORMATS); otherwise InputError saying
+    what it holds (the caller names the file). Opening reads the header; decoding happens on
+    first use."""
+    try:
+        return Image.open(path, formats=FORMATS)
+    except Image.UnidentifiedImageError:
+        found = _format_of(path)
+        raise InputError(f"{found}, not a PNG or JPEG image (only these are read)" if found else
+                         "not a readable image (its content is not PNG or JPEG)") from None
+
+
+def _format_of(path: Path) -> str | None:
+    """What a file that is not PNG or JPEG holds, as Pillow would name it, found by the format
+    plugins' checks of its first bytes alone (nothing is decoded, nothing is run); None for
+    content that no plugin claims."""
+    with open(path, "rb") as file:
+        prefix = file.read(16)
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return f"a {name} file" if name != "EPS" else "a PostScript (EPS) file"
+        except Exception:  # a plugin's check of too short a prefix
+            continue
+    return "an empty file" if not prefix else None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale images as 8-bit ones, scaled: Pillow's own conversion clips
+    every value above 255 to white."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float32)
+    return Image.fromarray(np.clip(values / 257 if values.max() > 255 else values, 0, 255).round().astype(np.uint8))
+
+
 def to_mnist(image: Image.Image) -> np.ndarray:
     """An image of one digit as MNIST draws it: uint8 [28, 28], white digit on black.
 
@@ -25,12 +67,7 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     pixels" (LeCun et al., http://yann.lecun.com/exdb/mnist/). A model trained on that sees
     nothing else, so a photo or scan must be brought to the same form.
     """
-    image = ImageOps.exif_transpose(image)  # phone photos are often stored sideways
-    if image.mode.startswith("I") or image.mode == "F":
-        # 16-bit greyscale PNGs: Pillow's conversion to 8 bits clips where it should scale.
-        values = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray(np.clip(values / 257 if values.max() > 255 else values, 0, 255)
-                                .round().astype(np.uint8))
+    image = to_8bit(ImageOps.exif_transpose(image))  # phone photos are often stored sideways
     # Transparent pixels are the paper: composite onto white before going to grey.
     rgba = image.convert("RGBA")
     grey = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
@@ -92,7 +129,7 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 
 def read_digit(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return to_mnist(image)
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
@@ -104,9 +141,11 @@ def read_digit(path: Path) -> np.ndarray:
 def read_resized(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """uint8 [channels, height, width]: the image in grey (1) or RGB (3), resized to size."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+        with open_image(path) as image:
+            image = to_8bit(ImageOps.exif_transpose(image)).convert("L" if channels == 1 else "RGB")
             pixels = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: not a readable image ({err})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

@@ -2,6 +2,7 @@
 and classes; and its weights file, which also says what the model was trained on."""
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -125,16 +126,30 @@ def weights_path(path: str | Path) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
+MAX_CARD_BYTES = 2**20  # a card of 100,000 class names of 10 characters
+
+
 def read_card(path: str | Path) -> dict | None:
-    """What a weights file says of its model and data (CARD_KEY), or None for a file written
-    before weights carried it (an MNIST model). Never raises for a file load_model accepts."""
+    """What a weights file says of its model and data (CARD_KEY) as a JSON object, not yet
+    checked (data.DataSpec.from_card checks it); None for a file written before weights
+    carried it (an MNIST model). WeightsError for a card that is there but not a JSON object."""
+    path = weights_path(path)
     try:
-        with safe_open(weights_path(path), framework="pt") as file:
+        with safe_open(path, framework="pt") as file:
             text = (file.metadata() or {}).get(CARD_KEY)
-        card = json.loads(text) if text else None
-    except (SafetensorError, OSError, ValueError):
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
+    if text is None:
         return None
-    return card if isinstance(card, dict) else None
+    try:
+        if len(text) > MAX_CARD_BYTES:
+            raise ValueError(f"{len(text)} characters")
+        card = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise WeightsError(f"{path}: its description of the model is damaged ({' '.join(str(err).split())[:80]})") from None
+    if not isinstance(card, dict):
+        raise WeightsError(f"{path}: its description of the model is damaged (not a JSON object)")
+    return card
 
 
 def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -> ResNet:
@@ -147,6 +162,8 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     weights that are not all finite are refused. widths_ok says which widths are sane to
     build (config.WIDTHS.accepts)."""
     path = weights_path(path)
+    if os.path.exists(path) and not path.is_file():  # a FIFO would block
+        raise WeightsError(f"{path}: not a regular file")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     try:

@@ -20,21 +20,15 @@ from dist_resnet import cli, datasets
 from dist_resnet.config import WIDTHS, Kind, Parser
 from dist_resnet.data import MNIST_SPEC, DataSpec
 from dist_resnet.images import image_files, read_digit, read_resized
-from dist_resnet.model import ResNet, WeightsError, load_model, read_card, weights_path
+from dist_resnet.model import ResNet, WeightsError, load_model, weights_path
 
 
 def trained_on(weights: Path, model: ResNet, dataset: str | None) -> DataSpec:
-    """What the weights file says the model was trained on (a file without it is an MNIST
-    model, as all were before weights carried it), checked against the model and --dataset."""
-    card = read_card(weights)
-    try:
-        spec = MNIST_SPEC if card is None else DataSpec.from_card(card)
-    except ValueError as err:
-        raise WeightsError(f"{weights}: {err}") from None
+    """What the weights file says the model was trained on (datasets.card_spec), checked
+    against --dataset."""
+    spec = datasets.card_spec(weights, model) or MNIST_SPEC
     if dataset is not None and dataset != spec.name:
         raise WeightsError(f"{weights} was trained on {spec.name}, not --dataset {dataset}")
-    if (model.blocks[0].conv1.in_channels, model.fc.out_features) != (spec.channels, len(spec.class_names)):
-        raise WeightsError(f"{weights}: its description of the model does not fit its weights")
     return spec
 
 
@@ -49,6 +43,7 @@ def read_image(path: Path, spec: DataSpec) -> np.ndarray:
 
 
 PROG = "predict.py"
+BATCH_PIXELS = 256 * 28 * 28  # images of a forward pass: 256 of MNIST's size, fewer of larger ones
 
 
 @torch.no_grad()
@@ -58,9 +53,12 @@ def predict_files(model: ResNet, paths: list[str | Path], spec: DataSpec = MNIST
     output."""
     if not paths:
         return []
-    images = np.stack([read_image(Path(p), spec) for p in paths])
+    images = torch.from_numpy(np.stack([read_image(Path(p), spec) for p in paths]))
     model.eval()
-    logits = model(spec.normalize(torch.from_numpy(images)))
+    # In batches: a directory of thousands of images in one forward pass would hold every
+    # layer's activations for all of them at once.
+    per_batch = max(1, BATCH_PIXELS // (spec.size[0] * spec.size[1]))
+    logits = torch.cat([model(spec.normalize(batch)) for batch in images.split(per_batch)])
     probabilities = torch.softmax(logits.double(), dim=1)
     if not torch.isfinite(probabilities).all():
         raise WeightsError("the weights give non-finite outputs for these images (NaN or infinity)")
@@ -90,7 +88,7 @@ class Options:
     weights: str
     dataset: str | None
     json: bool
-    top_k: int
+    top_k: int | None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -104,16 +102,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of {file, prediction, class, probabilities} instead of a table")
     parser.add_argument("--top-k", type=Kind(int, lambda v: 0 <= v <= 99, "a whole number from 0 to 99"),
-                        default=2, metavar="K", help="runners-up shown in the table (fewer than the classes)")
+                        default=None, metavar="K",
+                        help="runners-up shown in the table, fewer than the classes (default: 2, or 1 for a 2-class model)")
     return Options(**vars(parser.parse_args(argv)))
 
 
+@cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.weights, WIDTHS.accepts)
         spec = trained_on(weights_path(args.weights), model, args.dataset)
-        if args.top_k >= len(spec.class_names):
+        top_k = min(2, len(spec.class_names) - 1) if args.top_k is None else args.top_k
+        if top_k >= len(spec.class_names):
             raise WeightsError(f"--top-k {args.top_k}: the model has {len(spec.class_names)} classes, "
                                f"so at most {len(spec.class_names) - 1} runners-up")
         results = predict_files(model, image_files(args.inputs), spec)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         # One file per line: still one valid JSON document, and readable in a terminal.
         text = "[\n" + ",\n".join(json.dumps(r, allow_nan=False) for r in results) + "\n]"
     else:
-        text = format_table(results, args.top_k, spec)
+        text = format_table(results, top_k, spec)
     try:
         print(text, flush=True)
     except BrokenPipeError:

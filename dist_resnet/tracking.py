@@ -157,7 +157,7 @@ class TensorBoardTracker:
 
         self.writer.add_text("classification_report", "    " + final.text.replace("\n", "\n    "), step)
         for name, path in final.plots.items():
-            with Image.open(path) as image:
+            with Image.open(path, formats=["PNG"]) as image:  # the run's own plots
                 self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
