@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 import types
 import typing
@@ -141,6 +142,26 @@ class Config:
             if value is not None and value not in allowed:
                 raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
         return config
+
+
+RECORD_FORMAT = 1  # of a run's record, config.json (rundir.RunRecord); another value is refused
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a run resolved at its start, recorded beside its options."""
+
+    world_size: int
+    per_process_batch: int
+    sync_bn_active: bool
+    device: str
+    resolved_mixed_precision: str
+    num_parameters: int
+    train_size: int
+    test_size: int
+    steps_per_epoch: int
+    started: str  # when the run began (its first piece, for a resumed run)
+    provenance: dict  # provenance.describe() of the machine and software running it now
 
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
@@ -481,29 +502,95 @@ def config_file_in(argv: list[str] | None) -> str | None:
 def read_options_file(path: str) -> dict:
     """The options of a YAML file, or of a run's config.json (its options, less NOT_REPEATED and
     the facts beside them): a mapping of option names to values, names with - or _."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    text = _read_small_text(path)
     if Path(path).suffix == ".json":
         try:
             values = json.loads(text)
+        except RecursionError:
+            raise ValueError(f"nested more than {MAX_OPTIONS_NESTING} deep, as no options file is") from None
         except ValueError as err:
             raise ValueError(f"not JSON ({err})") from None
         if isinstance(values, dict) and "format" in values:  # a run record: options beside facts
-            fields = {f.name for f in dataclasses.fields(Config)}
-            values = {k: v for k, v in values.items() if k in fields and k not in NOT_REPEATED}
+            values = _record_options(values)
     else:
-        yaml = require("yaml", "--config FILE", "give a run's config.json instead")
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"not valid YAML ({' '.join(str(err).split())})") from None
+        values = _safe_yaml(text)
     if values is None:  # an empty YAML file
         values = {}
     if not isinstance(values, dict):
         raise ValueError("expected a mapping of option names to values")
     return {str(name).replace("-", "_"): value for name, value in values.items()}
+
+
+MAX_OPTIONS_FILE_BYTES = 2**20  # a run's config.json has about 3 KB
+MAX_OPTIONS_NESTING = 8  # options are values or lists of values; a record nests 4 deep
+
+
+def _read_small_text(path: str) -> str:
+    """The text of a regular file of at most MAX_OPTIONS_FILE_BYTES; ValueError otherwise,
+    before anything is read (a FIFO or /dev/zero would hang or fill the memory)."""
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise ValueError(f"cannot read it ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_OPTIONS_FILE_BYTES:
+            raise ValueError(f"{info.st_size} bytes; an options file has at most {MAX_OPTIONS_FILE_BYTES}")
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(MAX_OPTIONS_FILE_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"cannot read it ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_OPTIONS_FILE_BYTES:  # it grew while being read
+        raise ValueError(f"more than {MAX_OPTIONS_FILE_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _safe_yaml(text: str):
+    """YAML's plain data, without aliases (a few hundred bytes of nested ones expand to
+    gigabytes) and nested at most MAX_OPTIONS_NESTING deep (deeper overflows the composer's
+    recursion); both are checked on the parser's events, before anything is built."""
+    yaml = require("yaml", "--config FILE", "give a run's config.json instead")
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ValueError(f"a YAML alias (*{event.anchor}) at line {event.start_mark.line + 1}; "
+                                 "an options file has none: write the value out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_OPTIONS_NESTING:
+                    raise ValueError(f"nested more than {MAX_OPTIONS_NESTING} deep at line "
+                                     f"{event.start_mark.line + 1}, as no options file is")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _record_options(values: dict) -> dict:
+    """The options of a run's config.json, which must be one this version writes: its format,
+    no names but options and facts, every option (of its time) present and of its kind."""
+    if values.get("format") != RECORD_FORMAT:
+        raise ValueError(f"a run record of format {values.get('format')!r}; this version reads format {RECORD_FORMAT}")
+    if {"step", "window", "config"} <= values.keys():
+        raise ValueError("a checkpoint's meta.json, not a run's config.json: give the run's config.json "
+                         "(beside its checkpoints/), or continue the checkpoint with --resume PATH")
+    options = {f.name for f in dataclasses.fields(Config)}
+    known = options | {f.name for f in dataclasses.fields(Facts)} | {"format", "run_id", "options_given"}
+    unknown = sorted(map(str, values.keys() - known))
+    if unknown:
+        raise ValueError(f"unknown {', '.join(unknown)}: not an option or fact of a run record")
+    Config.from_dict({k: v for k, v in values.items() if k in options}, "the record")
+    return {k: v for k, v in values.items() if k in options and k not in NOT_REPEATED}
 
 
 def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -516,6 +603,8 @@ def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
     for name, value in read_options_file(path).items():
         if name not in hints or name not in actions or name == "config_file":
             raise ValueError(f"unknown option {name!r}")
+        if name == "overwrite" and value is not False:  # a shared options file must not delete runs
+            raise ValueError("overwrite: give --overwrite on the command line, not in an options file")
         action = actions[name]
         if isinstance(value, str) and callable(action.type):  # as on the command line: "32,64"
             try:

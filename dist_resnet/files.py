@@ -65,11 +65,16 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
     return records, skipped
 
 
+MAX_RECORD_BYTES = 2**24  # a run's config.json has a few KB
+
+
 def read_record(path: str | Path, version: int) -> dict:
     """A JSON object written with {"format": version}; ValueError names what is wrong with it:
     unreadable, not an object, or of another format (another version of dist_resnet)."""
     if not Path(path).is_file():  # a FIFO would block; a missing file says so below
         raise ValueError(f"{path}: missing, or not a regular file")
+    if Path(path).stat().st_size > MAX_RECORD_BYTES:
+        raise ValueError(f"{path}: {Path(path).stat().st_size} bytes, more than a record has")
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -108,6 +113,16 @@ class DirectoryLock:
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / ".lock"
         self.fd: int | None = None
+        # Directories made for the run (its output directory and any missing parents,
+        # deepest first): a run that fails to start leaves none of them behind.
+        self.created: list[Path] = []
+
+    def make_directory(self) -> None:
+        """The lock's directory, made with its missing parents (remembered in created)."""
+        directory = self.path.parent
+        missing = [p for p in (directory, *directory.parents) if not os.path.lexists(p)]
+        directory.mkdir(parents=True, exist_ok=True)
+        self.created = missing
 
     def acquire(self) -> None:
         try:  # never through a link: the holder's details are written into the file
@@ -137,3 +152,10 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the file releases the lock
             self.fd = None
+            for directory in self.created:  # what a run that never started leaves: the lock alone
+                try:
+                    if [p.name for p in directory.iterdir()] in ([], [".lock"]):
+                        (directory / ".lock").unlink(missing_ok=True)
+                        directory.rmdir()
+                except OSError:  # written to meanwhile, or not ours to remove: it stays
+                    break

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import files, profiling
-from dist_resnet.config import MIXED_PRECISION, Config, from_values, resume_mismatches
+from dist_resnet.config import MIXED_PRECISION, RECORD_FORMAT, Config, Facts, from_values, resume_mismatches
 
-FORMAT = 1  # of config.json; another value is refused
+FORMAT = RECORD_FORMAT  # of config.json; another value is refused
 RECORD = "config.json"
 # Every name a run writes into its output directory (tests/test_rundir.py keeps this true):
 # what marks a directory as a run's, and what --overwrite deletes.
@@ -42,23 +42,6 @@ class RunDirError(Exception):
 
 class CannotWrite(Exception):
     """An output that could not be written (permissions, a full disk, a path that is a file)."""
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What a run resolved at its start, recorded beside its options."""
-
-    world_size: int
-    per_process_batch: int
-    sync_bn_active: bool
-    device: str
-    resolved_mixed_precision: str
-    num_parameters: int
-    train_size: int
-    test_size: int
-    steps_per_epoch: int
-    started: str  # when the run began (its first piece, for a resumed run)
-    provenance: dict  # provenance.describe() of the machine and software running it now
 
 
 @dataclass(frozen=True)
@@ -149,7 +132,7 @@ def claim(config: Config, lock: files.DirectoryLock, checkpoint_run_id: str | No
     a run that --overwrite replaces is set aside by replace() once the new run can start."""
     directory = Path(config.output_dir)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        lock.make_directory()
         lock.acquire()
     except files.LockedError as err:
         raise RunDirError(f"{err}: wait for it to end, or choose another --output-dir") from None

@@ -11,6 +11,8 @@ or damaged is listed with the reason and left out of the statistics, never a cra
 
 import io
 import json
+import math
+import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -47,34 +49,96 @@ class RunResult:
 
 
 def read_run(directory: Path) -> RunResult:
-    """What one run directory says about its run; why not, for one that has no result."""
+    """What one run directory says about its run; why not, for one that has no result. Every
+    file is checked before it is read (a FIFO or a directory where a file belongs would hang
+    or fail) and every field it gives is checked before it is used: a damaged run is left out
+    with its reason, never a crash."""
     if not directory.is_dir():
         return RunResult(str(directory), "missing", "no such directory (the task never started?)")
     try:
         record = rundir.RunRecord.read(directory)
     except rundir.RunDirError as err:
-        return RunResult(str(directory), "damaged" if (directory / rundir.RECORD).exists() else "missing", str(err))
+        return RunResult(str(directory), "damaged" if os.path.lexists(directory / rundir.RECORD) else "missing", str(err))
     config = record.config
     group = {name: getattr(config, name) for name in GROUP_BY} | {"world_size": record.facts.world_size}
     result = RunResult(str(directory), "unfinished", run_name=config.run_name, group=group, seed=config.seed)
-    records, _ = files.read_jsonl(directory / "metrics.jsonl")
-    steps = [r["step"] for r in records if r.get("event") == "train"]
-    report = directory / REPORT
-    if not report.is_file():
-        result.reason = (f"no final report; its metrics end at step {steps[-1]}" if steps else
-                         "no final report and no training step logged") + " (still running, stopped or failed)"
-        return result
     try:
-        result.test_acc = float(json.loads(report.read_text())["accuracy"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return RunResult(str(directory), "damaged", f"{report}: unreadable ({err})", config.run_name, group, config.seed)
-    # Wall time from the run's start to its final report: for a resumed run, pauses included.
-    started = datetime.strptime(record.facts.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    result.time_to_final_eval_s = report.stat().st_mtime - started
-    speeds = [r["images_per_s"] for r in records if r.get("event") == "train" and "images_per_s" in r]
+        steps, speeds = _training_log(directory / "metrics.jsonl")
+        report = directory / REPORT
+        if not os.path.lexists(report):
+            result.reason = (f"no final report; its metrics end at step {steps[-1]}" if steps else
+                             "no final report and no training step logged") + " (still running, stopped or failed)"
+            return result
+        result.test_acc = _accuracy(report)
+        # Wall time from the run's start to its final report: for a resumed run, pauses included.
+        try:
+            started = datetime.strptime(record.facts.started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        except ValueError:
+            raise Damaged(f"{directory / rundir.RECORD}: started {record.facts.started[:40]!r} is not a time "
+                          "of the form 2026-01-31T12:00:00+0000") from None
+        result.time_to_final_eval_s = report.stat().st_mtime - started
+        if result.time_to_final_eval_s < 0:
+            raise Damaged(f"{report} is older than the run's start ({record.facts.started})")
+    except Damaged as err:
+        return RunResult(str(directory), "damaged", str(err), config.run_name, group, config.seed)
     result.images_per_s = statistics.median(speeds) if speeds else None
     result.status = "done"
     return result
+
+
+class Damaged(Exception):
+    """A run file that cannot be what the run wrote; the message says which and why."""
+
+
+MAX_REPORT_BYTES = 2**24  # the report of 100,000 classes
+MAX_LINE_BYTES = 2**16  # a metrics record has a few hundred bytes
+
+
+def _regular(path: Path) -> None:
+    if path.is_symlink() or not path.is_file():
+        raise Damaged(f"{path}: not a regular file")
+
+
+def _accuracy(report: Path) -> float:
+    _regular(report)
+    if report.stat().st_size > MAX_REPORT_BYTES:
+        raise Damaged(f"{report}: {report.stat().st_size} bytes, more than a report has")
+    try:
+        accuracy = json.loads(report.read_text())["accuracy"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
+        raise Damaged(f"{report}: unreadable ({type(err).__name__}: {' '.join(str(err).split())[:80]})") from None
+    if type(accuracy) not in (int, float) or not 0 <= accuracy <= 1:
+        raise Damaged(f"{report}: accuracy {str(accuracy)[:40]!r} is not a number from 0 to 1")
+    return float(accuracy)
+
+
+def _training_log(path: Path) -> tuple[list[int], list[float]]:
+    """The steps and the images/s of metrics.jsonl's training records, read a line at a time
+    (a long run's log is never held whole). A line cut short by a crash is skipped, as
+    files.read_jsonl does; a training record whose fields are not what a run writes is damage."""
+    if not os.path.lexists(path):
+        return [], []
+    _regular(path)
+    steps, speeds = [], []
+    with open(path, "rb") as file:
+        for number, line in enumerate(iter(lambda: file.readline(MAX_LINE_BYTES), b""), 1):
+            if len(line) >= MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise Damaged(f"{path}: line {number} is longer than {MAX_LINE_BYTES} bytes")
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                continue
+            if not isinstance(record, dict) or record.get("event") != "train":
+                continue
+            step, speed = record.get("step"), record.get("images_per_s")
+            if type(step) is not int or step < 0:
+                raise Damaged(f"{path}: line {number}: a training record whose step is {str(step)[:40]!r}")
+            if speed is not None and not (type(speed) in (int, float) and 0 <= speed < math.inf):
+                raise Damaged(f"{path}: line {number}: images_per_s {str(speed)[:40]!r} is not a number >= 0")
+            steps.append(step)
+            if speed is not None:
+                speeds.append(float(speed))
+    return steps, speeds
 
 
 def describe(values: list[float]) -> dict:
@@ -166,6 +230,7 @@ def build_parser() -> Parser:
     return p
 
 
+@cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     results = [read_run(Path(path)) for path in options.run_dirs]
