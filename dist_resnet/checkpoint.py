@@ -260,9 +260,15 @@ def read_meta(path: Path, run_config: Config, world_size: int) -> Meta:
     return meta
 
 
-def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps: int) -> _Loaded:
-    """Every part this rank needs, read and checked, with nothing applied yet."""
+def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps: int,
+          run_id: str | None = None) -> _Loaded:
+    """Every part this rank needs, read and checked, with nothing applied yet. run_id: the run
+    the checkpoint must belong to (--resume auto), None for any (--resume PATH)."""
     meta = read_meta(path, run_config, accelerator.num_processes)
+    if run_id is not None and meta.run_id != run_id:
+        raise IncompatibleCheckpoint(f"{path} is a checkpoint of another run ({meta.run_id}) than the one in "
+                                     f"{path.parent.parent} ({run_id}): move it out of {path.parent} to "
+                                     f"continue this run, or continue it with --resume {path} in a new --output-dir")
     if meta.step > total_steps:
         raise CheckpointError(f"{path}: step {meta.step} is past this run's {total_steps} steps")
     # On another process count every rank continues rank 0's random generators. The ranks'
@@ -284,6 +290,9 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
                    json.loads(file.metadata()["numbers"]))
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    wrong = [name for name, tensor in model.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if wrong:
+        raise CheckpointError(f"{path}: its weights hold NaN or infinity ({', '.join(wrong[:2])}): a diverged run's")
     return _Loaded(meta, model, state, rng)
 
 
@@ -338,9 +347,18 @@ def _check_training_state(loaded: _Loaded, parts: dict, fresh: dict) -> None:
         for key, value in values.items():
             ok = (isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isfinite(value).all())
                   and (value.shape == params[index].shape or (value.ndim == 0 and key == "step"
-                                                              and 0 < value.item() <= loaded.meta.step)))
+                                                              and _steps_fit(value.item(), loaded))))
             if not ok:
                 raise ValueError(f"optimizer state {key} of parameter {index} does not fit it")
+
+
+def _steps_fit(optimizer_steps: float, loaded: _Loaded) -> bool:
+    """Whether the optimizer's own count of its steps fits the checkpoint's step: equal, as
+    every step updates once (so a hand-edited step is refused), or fewer with fp16, whose
+    gradient scaler skips the updates of overflowing steps."""
+    if "scaler" in loaded.state:
+        return 0 < optimizer_steps <= loaded.meta.step
+    return optimizer_steps == loaded.meta.step
 
 
 def _apply(loaded: _Loaded, parts: dict, fresh: dict) -> None:
@@ -381,7 +399,7 @@ def _set_rng(tensors: dict, numbers: dict, device: torch.device) -> None:
 
 
 def resume(accelerator: Accelerator, candidates: list[Path], parts: dict, run_config: Config,
-           total_steps: int, warn) -> Meta:
+           total_steps: int, warn, run_id: str | None = None) -> Meta:
     """Restore the first of `candidates` (newest first) that every rank can read and apply;
     called by every rank with the same list. A damaged checkpoint is reported through
     warn(message) and the next one tried; when none is usable, CheckpointError lists why.
@@ -391,7 +409,7 @@ def resume(accelerator: Accelerator, candidates: list[Path], parts: dict, run_co
     for path in candidates:
         failure, loaded = None, None
         try:
-            loaded = _read(path, accelerator, run_config, total_steps)
+            loaded = _read(path, accelerator, run_config, total_steps, run_id)
             _apply(loaded, parts, fresh)
             _set_rng(*loaded.rng, accelerator.device)
         except CheckpointError as err:

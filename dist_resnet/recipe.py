@@ -161,6 +161,15 @@ class Recipe:
         set_seed(seed)
         return ResNet(self.config.widths, self.spec.channels, len(self.spec.class_names))
 
+    def check_weights(self, step: int) -> None:
+        """NonFiniteLoss when a weight is NaN or infinite: a step's loss can be finite while its
+        update is not, and such weights must not become a checkpoint. Every rank has the same
+        parameters (DDP), so every rank raises alike."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()):
+            raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; training stopped there "
+                                "and no checkpoint was written after it (the last good one is kept). "
+                                "Try a lower --lr, or --mixed-precision no.")
+
     def state(self) -> dict:
         """Everything a checkpoint restores besides the random generators: name -> an object
         with state_dict() and load_state_dict()."""

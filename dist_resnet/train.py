@@ -169,7 +169,8 @@ class Run:
         else:
             candidates = [Path(config.resume)]
         return checkpoint.resume(self.accelerator, candidates, self.checkpoint_parts(), config,
-                                 self.recipe.total_steps, warn=self.say)
+                                 self.recipe.total_steps, warn=self.say,
+                                 run_id=claim.continues.run_id if config.resume == "auto" else None)
 
     def _start_logging(self, claim: rundir.Claim, meta) -> None:
         recipe_, config = self.recipe, self.config
@@ -339,6 +340,7 @@ class Run:
         """A checkpoint of this step; at the last step the final weights are written first, and
         a failure of either says where the final weights are, if anywhere."""
         window = self.window.state(self.step)  # raises first if the loss went non-finite
+        self.recipe.check_weights(self.step)
         meta = checkpoint.Meta(self.run_id, self.step, self.accelerator.num_processes,
                                self.accelerator.mixed_precision, self.config, window)
         final = self.step == self.recipe.total_steps
