@@ -346,6 +346,7 @@ def table(rows: list[dict]) -> str:
                      for line in lines)
 
 
+@cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--measure"]:  # one configuration, started by run_config

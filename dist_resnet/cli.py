@@ -2,6 +2,7 @@
 failure the user can cause and fix is one line, `PROG: error: ...`, and an exit code from
 config.ExitCode; anything else is a bug and keeps its traceback."""
 
+import functools
 import sys
 
 from dist_resnet.checkpoint import CheckpointError, CheckpointWriteError
@@ -35,3 +36,18 @@ def fail(prog: str, err: BaseException, show: bool = True, code: ExitCode | None
     if show:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
     return code if code is not None else exit_code(err)
+
+
+def interruptible(prog: str):
+    """A command's main() that ends on Ctrl-C with one line and exit code 130, not a traceback;
+    what it wrote before is complete (every file is written atomically)."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+                return ExitCode.INTERRUPTED
+        return run
+    return wrap

@@ -15,9 +15,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 
+MAX_ANNOTATED_CLASSES = 40
+
+
 def plot_confusion_matrix(matrix: np.ndarray, class_names=None) -> bytes:
     """Counts of (true, predicted) pairs as a heat map with every cell annotated, the axes
-    labelled with the class names (default: the class numbers)."""
+    labelled with the class names (default: the class numbers); beyond MAX_ANNOTATED_CLASSES
+    classes the heat map alone, its axes numbered by matplotlib."""
     matrix = np.asarray(matrix)
     total = int(matrix.sum())
     correct = int(np.trace(matrix))
@@ -27,15 +31,19 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names=None) -> bytes:
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     classes = range(matrix.shape[0])
     labels = [str(c) for c in classes] if class_names is None else list(class_names)
-    ax.set_xticks(classes, labels, rotation=90 if max(map(len, labels), default=0) > 2 else 0)
-    ax.set_yticks(classes, labels)
+    # Every text is a separate artist: the cost of drawing grows with the square of the
+    # classes, and past a few dozen the counts and names are too small to read anyway.
+    annotated = matrix.shape[0] <= MAX_ANNOTATED_CLASSES
+    if annotated:
+        ax.set_xticks(classes, labels, rotation=90 if max(map(len, labels), default=0) > 2 else 0)
+        ax.set_yticks(classes, labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = f"{correct / total:.2%} ({correct}/{total})" if total else "n/a (no samples)"
     ax.set_title(f"confusion matrix, accuracy {accuracy}")
     # Dark text on light cells and light text on dark ones, so every count stays legible.
     threshold = matrix.max() / 2 if total else 0
-    for (true, predicted), count in np.ndenumerate(matrix):
+    for (true, predicted), count in np.ndenumerate(matrix if annotated else np.zeros((0, 0))):
         ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
                 color="white" if count > threshold else "black")
     return _png(figure)

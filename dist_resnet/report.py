@@ -4,6 +4,7 @@ the steps), and a plot that cannot be drawn or written is a warning, never a fai
 
 import json
 import math
+import select
 import shutil
 import signal
 import subprocess
@@ -106,7 +107,9 @@ class Plots:
                 [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
                  "runpy.run_module('dist_resnet.report', run_name='__main__')", root, str(self.request),
                  str(self.directory.resolve())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, text=True,
+                # Never written to: the child sees its end of the pipe close when this process
+                # ends, however it ends, and then writes nothing more (_parent_gone).
+                stdin=subprocess.PIPE, text=True,
                 start_new_session=True)  # a terminal's Ctrl-C goes to the run only
         except OSError as err:  # a full temporary disk, too many processes: plots are never a failure
             self._warn("start", f"warning: no plots drawn ({err.strerror or err})")
@@ -119,7 +122,10 @@ class Plots:
         """Wait for the child, if any; say its warnings (once per plot) and remove its request."""
         if self.child is None:
             return
-        output, _ = self.child.communicate()
+        output = self.child.stdout.read()  # not communicate(): it would close stdin first
+        self.child.wait()
+        self.child.stdout.close()
+        self.child.stdin.close()
         lines = output.splitlines()
         for line in lines:
             key, _, message = line.partition("\t")
@@ -137,8 +143,9 @@ class Plots:
             self.say(message)
 
 
-def draw_request(request: Path, directory: Path) -> list[str]:
-    """Draw the plots a Plots request describes into directory, each written atomically;
+def draw_request(request: Path, directory: Path, wanted=lambda: True) -> list[str]:
+    """Draw the plots a Plots request describes into directory, each written atomically while
+    wanted() (the run that asked is alive: once it is gone, the directory may be another run's);
     "name<TAB>warning" for each plot that could not be drawn or written."""
     from dist_resnet import plots
 
@@ -157,11 +164,20 @@ def draw_request(request: Path, directory: Path) -> list[str]:
     warnings = []
     for name, draw in drawings.items():
         try:
-            files.write_atomic(directory / name, draw())
+            content = draw()
+            if not wanted():
+                break
+            files.write_atomic(directory / name, content)
         except Exception as err:  # a picture must never end a run
             warnings.append(f"{name}\twarning: {directory / name} not written "
                             f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
     return warnings
+
+
+def _parent_gone() -> bool:
+    """Whether the process that started this child has ended: it never writes to the child's
+    standard input, so that pipe becomes readable (at its end) only when it closes."""
+    return bool(select.select([sys.stdin], [], [], 0)[0])
 
 
 if __name__ == "__main__":  # the child Plots starts, with arguments REQUEST DIRECTORY
@@ -169,4 +185,5 @@ if __name__ == "__main__":  # the child Plots starts, with arguments REQUEST DIR
     # ends in a second or so, and the stopping run waits for it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("\n".join(draw_request(Path(sys.argv[1]), Path(sys.argv[2]))), flush=True)
+    print("\n".join(draw_request(Path(sys.argv[1]), Path(sys.argv[2]), wanted=lambda: not _parent_gone())),
+          flush=True)
