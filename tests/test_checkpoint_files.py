@@ -165,3 +165,59 @@ def test_hostile_meta_json_is_damage(saved, content):
     _, out, _ = saved
     (checkpoint.complete_checkpoints(out)[-1] / "meta.json").write_text(content)
     assert resume(saved, warnings := []).step == 2 and warnings
+
+
+def rewrite_model(directory, change):
+    """Rewrite a checkpoint's model.safetensors with change(tensors), its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = directory / "model.safetensors"
+    with safe_open(path, framework="pt") as file:
+        metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
+    change(tensors)
+    save_file(tensors, path, metadata)
+
+
+def test_a_checkpoint_of_non_finite_weights_falls_back_to_the_one_before(saved):
+    """A diverging run's weights (NaN, infinity) are no checkpoint to continue: every retry
+    would end as the run did."""
+    _, out, fresh = saved
+    rewrite_model(checkpoint.complete_checkpoints(out)[-1], lambda t: t["fc.bias"].fill_(float("nan")))
+    meta = resume(saved, warnings := [])
+    assert meta.step == 2 and "its weights hold NaN or infinity (fc.bias)" in warnings[0]
+    assert all(torch.isfinite(p).all() for p in fresh.net.parameters())
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_resume_auto(saved):
+    config, out, fresh = saved
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"a checkpoint of another run \(run\) than "):
+        checkpoint.resume(fresh.accelerator, checkpoint.complete_checkpoints(out)[::-1], fresh.state(), config,
+                          fresh.total_steps, warn=print, run_id="this-run")
+
+
+@pytest.fixture
+def saved_constant(accelerator, mnist_dir, tmp_path):
+    """As saved, with the default constant learning rate: no scheduler whose state counts the steps."""
+    config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
+                         "--data-dir", str(mnist_dir), "--report-to", "none", "--output-dir", str(tmp_path)])
+    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), data.MNIST_SPEC), "cpu")
+    recipe, window = Recipe(config, accelerator, train), LossWindow(accelerator)
+    for step, index in enumerate(recipe.batches(0), 1):
+        window.add(recipe.step(index), 64)
+        if step in (2, 3):
+            meta = checkpoint.Meta("run", step, 1, "no", config, window.state(step))
+            checkpoint.save(accelerator, tmp_path, meta, recipe.state(), keep=2)
+    return config, tmp_path, Recipe(config, accelerator, train)
+
+
+def test_a_hand_edited_step_is_refused(saved_constant):
+    """step-3 relabelled as step 4 would skip a batch: the optimizer's own count says 3."""
+    import json
+
+    _, out, _ = saved_constant
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({**meta, "step": 4}))
+    newest.rename(newest.with_name("step-00000004"))
+    meta = resume(saved_constant, warnings := [])
+    assert meta.step == 2 and "optimizer state step of parameter 0 does not fit it" in warnings[0]
