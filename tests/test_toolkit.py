@@ -228,9 +228,11 @@ def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
 
 # ---- weight EMA ----------------------------------------------------------------------------
 
-def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mnist_dir):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mnist_dir, accumulate):
+    """One average step per optimizer step, with --accumulate too (not one per micro-batch)."""
     decay = 0.75
-    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", decay)
+    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", decay, "--accumulate", accumulate)
     expected = {k: v.clone() for k, v in recipe.net.state_dict().items()}  # starts at the initial weights
 
     def average(step):
@@ -238,7 +240,7 @@ def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mn
             expected[name] = (decay * expected[name] + (1 - decay) * value if value.is_floating_point()
                               else value.clone())
     train_steps(recipe, 0, 3, on_step=average)
-    plain = make_recipe(accelerator, mnist_dir, "--epochs", 1)
+    plain = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--accumulate", accumulate)
     train_steps(plain, 0, 3)
     assert_same_state(recipe, plain)  # the average does not change what is trained
     got = recipe.ema.model.state_dict()
@@ -489,3 +491,54 @@ def test_deterministic_sets_the_switches_and_a_step_runs_under_them(accelerator,
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+# ---- --keep-best / --early-stop: the record, in process ------------------------------------
+
+@pytest.mark.parametrize("metric, values", [
+    ("test_acc", [0.5, 0.4, 0.5, 0.6, 0.55, 0.6, 0.7, 0.7]),
+    ("test_loss", [2.0, 2.5, 2.0, 1.5, 1.6, 1.5, 1.0, 1.0]),
+])
+def test_an_improvement_resets_the_count_of_evaluations_without_one(metric, values):
+    """--early-stop counts the evaluations since the best one: an improvement after some
+    without one starts the count again, and a tie is no improvement."""
+    from dist_resnet.best import Best
+    best = Best(metric)
+    seen = [(best.update({metric: value}, step), best.since, best.value, best.step)
+            for step, value in enumerate(values, 1)]
+    assert [s[0] for s in seen] == [True, False, False, True, False, False, True, False]
+    assert [s[1] for s in seen] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [(s[2], s[3]) for s in seen][-1] == (values[6], 7)
+    resumed = Best(metric)  # a checkpoint continues the count
+    resumed.load_state_dict(best.state_dict())
+    assert (resumed.update({metric: values[0]}, 9), resumed.since) == (False, 2)
+
+
+# ---- --clip-grad under a gradient scaler (fp16) ----------------------------------------------
+
+@pytest.fixture
+def fp16_scaler(accelerator, monkeypatch):
+    """The shared in-process Accelerator as --mixed-precision fp16 sets it up: fp16 autocast
+    and a real torch GradScaler that multiplies the loss by 2^12. Accelerate refuses fp16 on a
+    CPU, so its three settings are set here, for this test only; the scaling, the unscaling
+    in clip_grad_norm_ and the scaler's optimizer step are Accelerate's and torch's own."""
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    return accelerator
+
+
+def test_fp16_gradients_are_unscaled_before_they_are_clipped(fp16_scaler, mnist_dir):
+    """The bound applies to the true gradients, not to the scaled ones: the gradients the
+    optimizer applies have the bound's norm, and the norm reported is the true one."""
+    free_recipe = make_recipe(fp16_scaler, mnist_dir, "--epochs", 1)
+    assert free_recipe.optimizer.scaler is fp16_scaler.scaler
+    free = gradients_at_step(free_recipe)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free])))
+    assert math.isfinite(norm) and norm > 0
+    fp16_scaler.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)  # the first one has updated
+    clipped_recipe = make_recipe(fp16_scaler, mnist_dir, "--epochs", 1, "--clip-grad", norm / 4)
+    clipped = gradients_at_step(clipped_recipe)
+    assert float(clipped_recipe.grad_norm) == pytest.approx(norm, rel=1e-4)  # not 2^12 times it
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+    assert float(after) == pytest.approx(norm / 4, rel=1e-4)
