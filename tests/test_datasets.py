@@ -274,3 +274,37 @@ def test_crop_flip_moves_and_mirrors_within_the_padding():
         # Some placement of the (possibly mirrored) image, padded with zeros, gives the crop.
         padded = [torch.nn.functional.pad(candidate, (2, 2, 2, 2)) for candidate in (original, original.flip(-1))]
         assert any(torch.equal(p[:, dy:dy + 8, dx:dx + 8], moved) for p in padded for dy in range(5) for dx in range(5))
+
+
+# ---- ImageFolder classes and labels, in process ---------------------------------------------------
+
+@pytest.fixture
+def named_folder(mnist_dir, tmp_path) -> Path:
+    """An ImageFolder tree whose class folders are the digits' names, created in the digits'
+    order: neither that order nor the directory's listing order is the sorted one."""
+    return write_imagefolder(mnist_dir, tmp_path / "named", train_limit=60, test_limit=60, class_names=NAMES)
+
+
+def folder_labels(split) -> list[str]:
+    return [split.spec.class_names[label] for label in split.labels.tolist()]
+
+
+def test_image_folder_classes_are_the_sorted_training_folders(named_folder):
+    listed = [p.name for p in (named_folder / "train").iterdir()]
+    assert listed != sorted(listed) and list(NAMES) != sorted(NAMES)  # what the test relies on
+    train, test = open_folder(named_folder)
+    assert train.spec.class_names == test.spec.class_names == tuple(sorted(NAMES))
+    for split in (train, test):  # each image's label is its folder's class
+        assert folder_labels(split) == [path.parent.name for path in split.files]
+
+
+def test_test_labels_are_the_training_classes_when_test_lacks_one(named_folder):
+    """A test/ folder without a training class (the first in sorted order, so that every
+    other class would move if the test split numbered its own classes)."""
+    missing = sorted(NAMES)[0]
+    assert {p.name for p in (named_folder / "test").iterdir()} == set(NAMES)
+    shutil.rmtree(named_folder / "test" / missing)
+    train, test = open_folder(named_folder)
+    assert test.spec.class_names == train.spec.class_names and missing in train.spec.class_names
+    assert missing not in folder_labels(test)
+    assert folder_labels(test) == [path.parent.name for path in test.files] and len(test) > 0
