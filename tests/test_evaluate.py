@@ -58,3 +58,28 @@ def test_gathered_evaluation_equals_single_process(world_size, num_samples, batc
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
     report = Evaluation(got["labels"], got["predictions"], got["losses"], NAMES).report()[1]
     assert report["macro avg"]["support"] == num_samples
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_rank_0s_batchnorm_statistics_for_the_model_and_its_ema(tmp_path):
+    """Slow: a real 2-process group (torchrun), since what is checked is a broadcast between
+    processes. Each rank holds BatchNorm statistics of its own, in the model and in its
+    --ema average; the gathered evaluations of both are exactly one process's evaluation of
+    rank 0's weights and statistics (rank 0's are the ones saved and checkpointed)."""
+    from safetensors.torch import load_file
+
+    from dist_resnet.model import ResNet
+    from dist_worker import WIDTHS
+    out = tmp_path / "buffers.safetensors"
+    result = torchrun(2, WORKER, "buffers", out, "--num-samples", 101, "--batch-size", 8, timeout=180)
+    assert result.returncode == 0, describe(result)
+    got = load_file(out)
+    images, labels = fixed_test_set(101)
+    for name in ("model", "ema"):
+        model = ResNet(WIDTHS)
+        model.load_state_dict({k[len(name) + 1:]: v for k, v in got.items() if k.startswith(f"{name}.")})
+        with torch.no_grad():
+            logits = model.eval()(normalize(images))
+        assert got[f"{name}_eval.predictions"].tolist() == logits.argmax(1).tolist(), name
+        torch.testing.assert_close(got[f"{name}_eval.losses"], F.cross_entropy(logits, labels, reduction="none"),
+                                   rtol=1e-5, atol=1e-6, msg=name)
