@@ -308,8 +308,27 @@ def toolkit_run(mnist_dir, tmp_path_factory):
     return out, result
 
 
+def mnist_dir_of(result) -> Path:
+    return Path(result.args[result.args.index("--data-dir") + 1])
+
+
+def evaluate_file(weights: Path, mnist_dir: Path) -> tuple[float, float]:
+    """(accuracy, mean loss) of a weights file on the whole test split, in this process."""
+    import torch.nn.functional as F
+
+    from dist_resnet.config import WIDTHS
+    from dist_resnet.model import load_model
+    model = load_model(weights, WIDTHS.accepts).eval()
+    images, labels = data.load_split(mnist_dir, "test")
+    with torch.no_grad():
+        logits = model(data.normalize(images))
+    return float((logits.argmax(1) == labels).double().mean()), float(F.cross_entropy(logits, labels))
+
+
 @pytest.mark.slow
 def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
+    """Slow: the options together under a real 2-process `accelerate launch` (shared with
+    the next test), where the EMA's and the model's BatchNorm statistics differ by rank."""
     from conftest import train_records
     from safetensors.torch import load_file
     out, result = toolkit_run
@@ -321,6 +340,12 @@ def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
             assert r["lr"] == pytest.approx(expected_lr(3e-3, r["step"], 4, 32, cosine=True), rel=1e-12)
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
     assert all(0 <= r["test_acc_ema"] <= 1 and r["test_loss_ema"] > 0 for r in evals)
+    # The last evaluation, of the raw weights and of their average, is one process's of the
+    # weights saved: rank 0's BatchNorm statistics on every rank (each rank's own differ).
+    for name, suffix in (("model.safetensors", ""), ("model-ema.safetensors", "_ema")):
+        accuracy, loss = evaluate_file(out / name, mnist_dir_of(result))
+        assert evals[-1][f"test_acc{suffix}"] == pytest.approx(accuracy, abs=1e-12), name
+        assert evals[-1][f"test_loss{suffix}"] == pytest.approx(loss, rel=1e-5), name
     ema, raw = load_file(out / "model-ema.safetensors"), load_file(out / "model.safetensors")
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
     final = load_file(checkpoint.complete_checkpoints(out)[-1] / "state.safetensors")
