@@ -201,9 +201,11 @@ def test_accumulated_step_has_the_gradients_of_the_whole_batch(accelerator, mnis
     torch.testing.assert_close(steps[4][1], steps[1][1])
 
 
+@pytest.mark.slow
 def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_path):
     """A real 2-process group: DDP's all-reduce runs in the last micro-batch only (as often as
-    without accumulation), and the gradients are the unaccumulated step's."""
+    without accumulation), and the gradients are the unaccumulated step's. Slow: a torchrun
+    launch, since what is counted is DDP's communication (the gradients: in process above)."""
     from safetensors import safe_open
 
     from conftest import describe, torchrun
