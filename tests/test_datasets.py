@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, run
+from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
 from dist_resnet import data, datasets
 from dist_resnet.config import ADDED_OPTIONS, Config
@@ -26,6 +26,13 @@ from dist_resnet.recipe import Recipe
 from dist_resnet.train import parse_args
 
 EVALUATE_PY, PREDICT_PY = REPO / "dist_resnet" / "evaluate.py", REPO / "dist_resnet" / "predict.py"
+
+
+def train_in_process(args, capsys):
+    """train.py's main() in this process, for bad data sets that end it before any training
+    (test_each_dataset_trains_under_accelerate_launch starts it as users do)."""
+    from dist_resnet.train import main
+    return in_process(main, args, capsys)
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TINY = [*QUICK, "--batch-size", "64", "--epochs", "1", "--train-limit", "256", "--test-limit", "64",
         "--report-to", "none"]
@@ -268,7 +275,7 @@ def test_an_unreadable_image_met_while_streaming_names_the_file(folder):
     assert "\n" not in str(error.value) and str(train.files[5]) in str(error.value)
 
 
-def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path):
+def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path, capsys):
     root = write_cifar(mnist_dir, tmp_path, 50, 10) / "cifar-10-batches-py"
     marker = tmp_path / "executed"
     # A pickle that would run a command: refused, never run.
@@ -277,8 +284,8 @@ def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path):
         datasets.open_splits("cifar10", datasets.Options(str(tmp_path)))
     assert not marker.exists()
     (root / "data_batch_2").write_bytes(pickle.dumps([1, 2, 3]))
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "cifar10", "--data-dir", tmp_path,
-                  "--output-dir", tmp_path / "out"])
+    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "out"],
+                              capsys)
     assert_one_line_error(result, 2, "data_batch_2: not a CIFAR-10 python batch file")
     assert not marker.exists() and not (tmp_path / "out" / "config.json").exists()
 
@@ -291,16 +298,16 @@ class _Hostile:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_mixed_sizes_stop_train_py_before_it_starts(folder, tmp_path):
+def test_mixed_sizes_stop_train_py_before_it_starts(folder, tmp_path, capsys):
     Image.new("L", (30, 30)).save(folder / "train" / "1" / "big.png")
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "imagefolder", "--data-dir", folder,
-                  "--output-dir", tmp_path / "out"])
+    result = train_in_process([*TINY, "--dataset", "imagefolder", "--data-dir", folder, "--output-dir", tmp_path / "out"],
+                              capsys)
     assert_one_line_error(result, 2, "give --image-size N")
 
 
-def test_normalisation_must_fit_the_channels(data_dirs, tmp_path):
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"],
-                  "--mean", "0.5,0.5", "--output-dir", tmp_path / "out"])
+def test_normalisation_must_fit_the_channels(data_dirs, tmp_path, capsys):
+    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"], "--mean", "0.5,0.5",
+                               "--output-dir", tmp_path / "out"], capsys)
     assert_one_line_error(result, 2, "--mean has 2 values; cifar10 has 3 channel(s)")
 
 
