@@ -111,6 +111,21 @@ class RecipeError(Exception):
     """Options that cannot make a run of this length (a warmup as long as the run)."""
 
 
+def initial_net(config: Config, spec: data.DataSpec, seed: int) -> ResNet:
+    """The model's initial weights: they come from the seed, the same on every rank."""
+    set_seed(seed)
+    return ResNet(config.widths, spec.channels, len(spec.class_names))
+
+
+def build_model(config: Config, spec: data.DataSpec, world_size: int, device_type: str) -> torch.nn.Module:
+    """The model a run of world_size processes on device_type trains, before Accelerate wraps
+    it: the seed's initial weights, with SyncBatchNorm where model.should_sync_bn says so. A
+    function of its own so that the tests can check, without a GPU, what a multi-process CUDA
+    run would train (tests/sync_bn_check.py trains it on GPUs)."""
+    net = initial_net(config, spec, config.seed)
+    return convert_sync_bn(net) if should_sync_bn(config.sync_bn, world_size, device_type) else net
+
+
 class Recipe:
     """One rank's part of training: built on every rank, stepped by every rank in lockstep."""
 
@@ -132,10 +147,8 @@ class Recipe:
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (--clip-grad)
 
-        net = self._initial_net(config.seed)
+        net = build_model(config, self.spec, world_size, accelerator.device.type)
         self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
-        if self.sync_bn:
-            net = convert_sync_bn(net)
         if config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         on_gpu = accelerator.device.type == "cuda"
@@ -155,11 +168,6 @@ class Recipe:
         self.forward = torch.compile(self.model, mode=config.compile_mode) if config.compile else self.model
         self.ema = WeightEMA(self.net, config.ema) if config.ema else None
         self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
-
-    def _initial_net(self, seed: int) -> ResNet:
-        """The model's initial weights: they come from the seed, the same on every rank."""
-        set_seed(seed)
-        return ResNet(self.config.widths, self.spec.channels, len(self.spec.class_names))
 
     def check_weights(self, step: int) -> None:
         """NonFiniteLoss when a weight is NaN or infinite: a step's loss can be finite while its
@@ -182,7 +190,7 @@ class Recipe:
         compiled (the benchmark times training from scratch without compiling again). With a
         seed, to the initial weights and data order of a run with that --seed."""
         if seed is not None:
-            initial = self._initial_net(seed).state_dict()
+            initial = initial_net(self.config, self.spec, seed).state_dict()
             self._initial["model"] = initial  # the same names with SyncBatchNorm
             if self.ema is not None:
                 self._initial["ema"] = {"weights": initial}

@@ -147,3 +147,14 @@ def parse_error(argv: list[str], capsys) -> str:
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err  # the error alone, not argparse's usage
     assert err.startswith("dist_resnet/train.py: error: "), err
     return err
+
+
+def in_process(main, args: list, capsys) -> subprocess.CompletedProcess:
+    """A command's main(argv) run in this process, its exit code and output as run() returns
+    them: where a subprocess would spend seconds importing torch for a case that is over
+    early (bad input, evaluating a small model). The tests that start each command as users
+    do stay subprocesses."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([getattr(main, "__module__", "main"), *map(str, args)], code, out, err)

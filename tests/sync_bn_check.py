@@ -1,6 +1,7 @@
 """SyncBatchNorm across N processes equals plain BatchNorm on the whole batch in one process:
 losses, gradients, running statistics and weights, for the model as train.py builds and wraps
-it (model.should_sync_bn and convert_sync_bn, DDP with distributed.DDP_OPTIONS). Needs CUDA
+it: the recipe's model for this many CUDA processes (recipe.build_model, which must hold
+SyncBatchNorm in every block, or the check fails), DDP with distributed.DDP_OPTIONS. Needs CUDA
 (PyTorch has no SyncBatchNorm on CPU).
 
     torchrun --standalone --nproc_per_node 2 tests/sync_bn_check.py [--out result.json]
@@ -17,7 +18,7 @@ for the computation SyncBatchNorm does, and fails for per-rank BatchNorm.
 """
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet.model import ResNet  # noqa: E402
 
 WIDTHS, BATCH, STEPS, LR = (16, 32, 64), 64, 3, 0.05
 # float64 on both sides: in float32, the last-bit differences of another summation order flip
@@ -82,8 +82,9 @@ def main() -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from dist_resnet import data, recipe
+    from dist_resnet.config import Config
     from dist_resnet.distributed import DDP_OPTIONS
-    from dist_resnet.model import convert_sync_bn, should_sync_bn
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
@@ -93,12 +94,18 @@ def main() -> int:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    torch.manual_seed(0)
-    reference = ResNet(WIDTHS).to(device, DTYPE)  # one process, plain BatchNorm, whole batch
-    if not should_sync_bn(True, world_size, device.type):
-        raise SystemExit(f"train.py's rule would not use SyncBatchNorm for {world_size} process(es) on {device.type}")
-    model = DistributedDataParallel(convert_sync_bn(copy.deepcopy(reference)), device_ids=[device.index],
-                                    **DDP_OPTIONS)
+    config = dataclasses.replace(Config(), widths=WIDTHS, seed=0)
+    # One process, plain BatchNorm, whole batch: the same initial weights as the recipe's model.
+    reference = recipe.initial_net(config, data.MNIST_SPEC, config.seed).to(device, DTYPE)
+    candidate = recipe.build_model(config, data.MNIST_SPEC, world_size, device.type).to(device, DTYPE)
+    if not all(isinstance(getattr(block, name), nn.SyncBatchNorm) for block in candidate.blocks
+               for name in ("bn1", "bn2")):
+        raise SystemExit(f"the recipe's model for {world_size} process(es) on {device.type} does not hold "
+                         "SyncBatchNorm in every block")
+    reference_state = reference.state_dict()
+    if not all(torch.equal(value, reference_state[name]) for name, value in candidate.state_dict().items()):
+        raise SystemExit("the recipe's model does not start from the reference's initial weights")
+    model = DistributedDataParallel(candidate, device_ids=[device.index], **DDP_OPTIONS)
     shard = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
 
     def step(x, y):

@@ -104,7 +104,8 @@ def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist
 
     result = run(launch_command(2, *args, "--resume", "auto"), env=ONE_THREAD)
     assert result.returncode == 0, describe(result)
-    assert f"resuming from {complete_checkpoints(out)[0].parent}" in result.stdout
+    # The checkpoint it stopped at, by its step (not only the checkpoints' directory).
+    assert f"resuming from {complete_checkpoints(out)[0].parent / f'step-{stopped_step:08d}'}\n" in result.stdout
     assert_same_weights(out, reference_runs[2])
     assert_same_history(out, reference_runs[2])
     run_files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))  # one per start...

@@ -166,10 +166,11 @@ def test_shuffle_changes_each_epoch_and_agrees_across_ranks():
         assert sorted(epoch_order[0] + epoch_order[1]) == list(range(64))
 
 
+@pytest.mark.parametrize("num_samples, batch", [(96, 16), (100, 16), (100, 12)])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_batches_together_are_the_single_process_batch(world_size):
-    """N processes x B/N see, step by step, exactly the samples 1 process x B sees."""
-    num_samples, batch = 96, 16
+def test_sharded_batches_together_are_the_single_process_batch(world_size, num_samples, batch):
+    """N processes x B/N see, step by step, exactly the samples 1 process x B sees: also in
+    an epoch that ends in a ragged batch (100 images are 6 batches of 16 and one of 4)."""
     single = make_sampler(num_samples, 1, 0, shuffle=True, seed=5)
     single.set_epoch(2)
     single_batches = shard_batches(single, batch, "cpu")

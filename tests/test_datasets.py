@@ -4,6 +4,7 @@ feeding the same batches and training the same weights; evaluate.py and predict.
 model from its weights file alone; and each kind of bad data set refused in one line."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, run
+from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
 from dist_resnet import data, datasets
 from dist_resnet.config import ADDED_OPTIONS, Config
@@ -25,6 +26,13 @@ from dist_resnet.recipe import Recipe
 from dist_resnet.train import parse_args
 
 EVALUATE_PY, PREDICT_PY = REPO / "dist_resnet" / "evaluate.py", REPO / "dist_resnet" / "predict.py"
+
+
+def train_in_process(args, capsys):
+    """train.py's main() in this process, for bad data sets that end it before any training
+    (test_each_dataset_trains_under_accelerate_launch starts it as users do)."""
+    from dist_resnet.train import main
+    return in_process(main, args, capsys)
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TINY = [*QUICK, "--batch-size", "64", "--epochs", "1", "--train-limit", "256", "--test-limit", "64",
         "--report-to", "none"]
@@ -42,10 +50,11 @@ def data_dirs(mnist_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def launched(data_dirs, tmp_path_factory) -> dict:
-    """name -> (result, output dir) of a 2-process `accelerate launch` of train.py on each data
-    set; the ImageFolder twice, streamed and resident."""
+    """name -> (result, output dir) of a 2-process `accelerate launch` of train.py on each
+    kind of data set (KMNIST is read as Fashion-MNIST is: one launch for the IDX family; every
+    data set trains in process below); the ImageFolder twice, streamed and resident."""
     out = tmp_path_factory.mktemp("launched")
-    jobs = {name: (name, []) for name in ("fashion-mnist", "kmnist", "cifar10")}
+    jobs = {name: (name, []) for name in ("fashion-mnist", "cifar10")}
     jobs |= {"imagefolder": ("imagefolder", ["--data-path", "stream", "--workers", "1"]),
              "imagefolder-resident": ("imagefolder", ["--data-path", "resident"])}
     return {key: (accelerate_launch(2, TRAIN_PY, *TINY, "--dataset", name, "--data-dir", data_dirs[name],
@@ -54,7 +63,30 @@ def launched(data_dirs, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("key", ["fashion-mnist", "kmnist", "cifar10", "imagefolder"])
+def test_each_dataset_trains_and_evaluates_in_process(data_dirs, accelerator, key):
+    """The core of the launched runs below, for every data set: its splits load, a recipe
+    trains an epoch on them, and the evaluation counts every test image once under the data
+    set's class names; the weights' description is the data set's."""
+    config = parse_args([*TINY, "--dataset", key, "--data-dir", str(data_dirs[key])])
+    train, test, what = datasets.load(config, "cpu")
+    spec = train.spec
+    assert f"data: {key}, 256 training and 64 test images of {spec.channels}x" in what
+    recipe = Recipe(config, accelerator, train)
+    losses = [float(recipe.step_on(images, labels)) for images, labels in train.batches(recipe.batches(0))]
+    assert len(losses) == recipe.steps_per_epoch == 4 and all(math.isfinite(loss) for loss in losses)
+    evaluation = recipe.evaluate(test)
+    assert len(evaluation.labels) == 64 and evaluation.class_names == spec.class_names
+    report = evaluation.report()[1]
+    assert report["macro avg"]["support"] == 64
+    assert [name for name in report if name not in ("accuracy", "macro avg", "weighted avg")] == list(spec.class_names)
+    card = recipe.card()
+    assert (card["dataset"], card["channels"], card["class_names"]) == (key, spec.channels, list(spec.class_names))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["fashion-mnist", "cifar10", "imagefolder"])
 def test_each_dataset_trains_under_accelerate_launch(launched, key):
+    """Slow: 2-process `accelerate launch` runs end to end, one per kind of data set."""
     result, out = launched[key]
     assert result.returncode == 0, describe(result)
     spec = datasets.open_splits(key, datasets.Options(str(Path(result.args[result.args.index("--data-dir") + 1]))))[0].spec
@@ -69,7 +101,9 @@ def test_each_dataset_trains_under_accelerate_launch(launched, key):
     assert (out / "misclassified.png").is_file() and (out / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_streamed_and_resident_train_the_same_weights_on_two_processes(launched):
+    """Slow: two 2-process launches (shared with the test above); in one process below."""
     (streamed, out_streamed), (resident, out_resident) = launched["imagefolder"], launched["imagefolder-resident"]
     assert streamed.returncode == 0 and resident.returncode == 0, describe(resident)
     assert "resident on the cpu (--data-path resident)" in resident.stdout
@@ -129,8 +163,11 @@ def test_streamed_resume_mid_epoch_is_bitwise_and_reads_no_skipped_batch(data_di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, data_dirs, tmp_path):
-    """CIFAR-10 weights copied away from their run: the file says what they are."""
+    """CIFAR-10 weights copied away from their run: the file says what they are. Slow: the
+    weights of a launched run, and six commands started as users start them (in process:
+    test_predict.py's colour model)."""
     result, out = launched["cifar10"]
     assert result.returncode == 0, describe(result)
     weights = Path(shutil.copy(out / "model.safetensors", tmp_path / "cifar.safetensors"))
@@ -147,6 +184,15 @@ def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, d
     assert predicted.returncode == 0, describe(predicted)
     [row] = json.loads(predicted.stdout)
     assert row["class"] in datasets.CIFAR_CLASSES and len(row["probabilities"]) == 10
+    # What the model says of the image resized to 32x32 and normalised as CIFAR-10 is.
+    from dist_resnet.config import WIDTHS
+    from dist_resnet.model import load_model
+    pixels = np.asarray(Image.open(image).resize((32, 32), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    with torch.no_grad():
+        logits = load_model(weights, WIDTHS.accepts).eval()(datasets.CIFAR_SPEC.normalize(torch.from_numpy(pixels[None].copy())))
+    expected = torch.softmax(logits.double(), dim=1)[0]
+    np.testing.assert_allclose(row["probabilities"], expected.numpy(), rtol=1e-5, atol=1e-7)
+    assert row["class"] == datasets.CIFAR_CLASSES[int(expected.argmax())]
     table = run([sys.executable, PREDICT_PY, "--weights", weights, image])
     assert table.stdout.splitlines()[0].split()[:2] == ["file", "class"] and row["class"] in table.stdout
 
@@ -229,7 +275,7 @@ def test_an_unreadable_image_met_while_streaming_names_the_file(folder):
     assert "\n" not in str(error.value) and str(train.files[5]) in str(error.value)
 
 
-def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path):
+def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path, capsys):
     root = write_cifar(mnist_dir, tmp_path, 50, 10) / "cifar-10-batches-py"
     marker = tmp_path / "executed"
     # A pickle that would run a command: refused, never run.
@@ -238,8 +284,8 @@ def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path):
         datasets.open_splits("cifar10", datasets.Options(str(tmp_path)))
     assert not marker.exists()
     (root / "data_batch_2").write_bytes(pickle.dumps([1, 2, 3]))
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "cifar10", "--data-dir", tmp_path,
-                  "--output-dir", tmp_path / "out"])
+    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "out"],
+                              capsys)
     assert_one_line_error(result, 2, "data_batch_2: not a CIFAR-10 python batch file")
     assert not marker.exists() and not (tmp_path / "out" / "config.json").exists()
 
@@ -252,16 +298,16 @@ class _Hostile:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_mixed_sizes_stop_train_py_before_it_starts(folder, tmp_path):
+def test_mixed_sizes_stop_train_py_before_it_starts(folder, tmp_path, capsys):
     Image.new("L", (30, 30)).save(folder / "train" / "1" / "big.png")
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "imagefolder", "--data-dir", folder,
-                  "--output-dir", tmp_path / "out"])
+    result = train_in_process([*TINY, "--dataset", "imagefolder", "--data-dir", folder, "--output-dir", tmp_path / "out"],
+                              capsys)
     assert_one_line_error(result, 2, "give --image-size N")
 
 
-def test_normalisation_must_fit_the_channels(data_dirs, tmp_path):
-    result = run([sys.executable, TRAIN_PY, *TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"],
-                  "--mean", "0.5,0.5", "--output-dir", tmp_path / "out"])
+def test_normalisation_must_fit_the_channels(data_dirs, tmp_path, capsys):
+    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"], "--mean", "0.5,0.5",
+                               "--output-dir", tmp_path / "out"], capsys)
     assert_one_line_error(result, 2, "--mean has 2 values; cifar10 has 3 channel(s)")
 
 
@@ -274,3 +320,37 @@ def test_crop_flip_moves_and_mirrors_within_the_padding():
         # Some placement of the (possibly mirrored) image, padded with zeros, gives the crop.
         padded = [torch.nn.functional.pad(candidate, (2, 2, 2, 2)) for candidate in (original, original.flip(-1))]
         assert any(torch.equal(p[:, dy:dy + 8, dx:dx + 8], moved) for p in padded for dy in range(5) for dx in range(5))
+
+
+# ---- ImageFolder classes and labels, in process ---------------------------------------------------
+
+@pytest.fixture
+def named_folder(mnist_dir, tmp_path) -> Path:
+    """An ImageFolder tree whose class folders are the digits' names, created in the digits'
+    order: neither that order nor the directory's listing order is the sorted one."""
+    return write_imagefolder(mnist_dir, tmp_path / "named", train_limit=60, test_limit=60, class_names=NAMES)
+
+
+def folder_labels(split) -> list[str]:
+    return [split.spec.class_names[label] for label in split.labels.tolist()]
+
+
+def test_image_folder_classes_are_the_sorted_training_folders(named_folder):
+    listed = [p.name for p in (named_folder / "train").iterdir()]
+    assert listed != sorted(listed) and list(NAMES) != sorted(NAMES)  # what the test relies on
+    train, test = open_folder(named_folder)
+    assert train.spec.class_names == test.spec.class_names == tuple(sorted(NAMES))
+    for split in (train, test):  # each image's label is its folder's class
+        assert folder_labels(split) == [path.parent.name for path in split.files]
+
+
+def test_test_labels_are_the_training_classes_when_test_lacks_one(named_folder):
+    """A test/ folder without a training class (the first in sorted order, so that every
+    other class would move if the test split numbered its own classes)."""
+    missing = sorted(NAMES)[0]
+    assert {p.name for p in (named_folder / "test").iterdir()} == set(NAMES)
+    shutil.rmtree(named_folder / "test" / missing)
+    train, test = open_folder(named_folder)
+    assert test.spec.class_names == train.spec.class_names and missing in train.spec.class_names
+    assert missing not in folder_labels(test)
+    assert folder_labels(test) == [path.parent.name for path in test.files] and len(test) > 0

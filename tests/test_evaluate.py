@@ -36,17 +36,44 @@ def test_report_support_is_the_test_set_size():
     assert "accuracy" in text
 
 
-@pytest.mark.parametrize("world_size, num_samples, batch_size", [
-    (1, 101, 7), (2, 101, 7), (3, 101, 8), (4, 101, 5), (3, 10, 64),
-])
-def test_gathered_evaluation_equals_single_process(world_size, num_samples, batch_size, tmp_path):
-    """torchrun with N CPU processes: the gathered predictions are exactly those of one
-    process evaluating the same weights, and the support is exactly the set size."""
+# Process count -> its (test samples, batch size) cases, all evaluated in one launch.
+LAUNCHES = {2: [(101, 7)], 3: [(101, 8), (10, 64)], 4: [(101, 5)]}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict:
+    """world_size -> (the torchrun result, its output directory): one launch per process
+    count for all its cases, the 2-process one also with the BatchNorm statistics check."""
+    results = {}
+    for world_size, cases in LAUNCHES.items():
+        out = tmp_path_factory.mktemp(f"gathered-{world_size}")
+        extra = ["--buffers"] if world_size == 2 else []
+        results[world_size] = torchrun(world_size, WORKER, out, "--cases", ",".join(f"{n}:{b}" for n, b in cases),
+                                       *extra, timeout=180), out
+    return results
+
+
+def test_one_process_evaluates_every_sample_once(accelerator, tmp_path):
+    """The single-process case of the gathered evaluation below, in this process."""
+    from dist_worker import run_evaluate
     out = tmp_path / "eval.npz"
-    result = torchrun(world_size, WORKER, "evaluate", out, "--num-samples", num_samples,
-                      "--batch-size", batch_size, timeout=180)
+    run_evaluate(out, 101, 7, accelerator)
+    check_evaluation(np.load(out), 1, 101)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, num_samples, batch_size", [
+    (world_size, n, b) for world_size, cases in LAUNCHES.items() for n, b in cases])
+def test_gathered_evaluation_equals_single_process(launched, world_size, num_samples, batch_size):
+    """Slow: real torchrun process groups of 2, 3 and 4 CPU processes (what is checked is the
+    gather between them). The gathered predictions are exactly those of one process
+    evaluating the same weights, and the support is exactly the set size."""
+    result, out = launched[world_size]
     assert result.returncode == 0, describe(result)
-    got = np.load(out)
+    check_evaluation(np.load(out / f"eval-{num_samples}-{batch_size}.npz"), world_size, num_samples)
+
+
+def check_evaluation(got, world_size: int, num_samples: int) -> None:
     assert int(got["world_size"]) == world_size
 
     images, labels = fixed_test_set(num_samples)
@@ -58,3 +85,27 @@ def test_gathered_evaluation_equals_single_process(world_size, num_samples, batc
     np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
     report = Evaluation(got["labels"], got["predictions"], got["losses"], NAMES).report()[1]
     assert report["macro avg"]["support"] == num_samples
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_rank_0s_batchnorm_statistics_for_the_model_and_its_ema(launched):
+    """Slow: a real 2-process group (torchrun), since what is checked is a broadcast between
+    processes. Each rank holds BatchNorm statistics of its own, in the model and in its
+    --ema average; the gathered evaluations of both are exactly one process's evaluation of
+    rank 0's weights and statistics (rank 0's are the ones saved and checkpointed)."""
+    from safetensors.torch import load_file
+
+    from dist_resnet.model import ResNet
+    from dist_worker import WIDTHS
+    result, out = launched[2]
+    assert result.returncode == 0, describe(result)
+    got = load_file(out / "buffers.safetensors")
+    images, labels = fixed_test_set(101)
+    for name in ("model", "ema"):
+        model = ResNet(WIDTHS)
+        model.load_state_dict({k[len(name) + 1:]: v for k, v in got.items() if k.startswith(f"{name}.")})
+        with torch.no_grad():
+            logits = model.eval()(normalize(images))
+        assert got[f"{name}_eval.predictions"].tolist() == logits.argmax(1).tolist(), name
+        torch.testing.assert_close(got[f"{name}_eval.losses"], F.cross_entropy(logits, labels, reduction="none"),
+                                   rtol=1e-5, atol=1e-6, msg=name)

@@ -29,6 +29,7 @@ def test_config_loads(name):
     assert got == EXPECTED[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, launch_args, train_args, world_size", [
     ("single_gpu.yaml", [], ["--augment"], 1),  # and the augmented training path, end to end
     # The 8-GPU config, scaled down to 2 processes: on a machine without CUDA they train on
@@ -36,6 +37,8 @@ def test_config_loads(name):
     ("multi_gpu.yaml", ["--num_processes", "2"], [], 2),
 ])
 def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, mnist_dir, tmp_path):
+    """Slow: training runs started through each GPU config's `accelerate launch` (the configs
+    themselves load in process above)."""
     out = tmp_path / "out"
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   REPO / "launch" / name, *launch_args, "--main_process_port", free_port(), TRAIN_PY,
@@ -48,11 +51,14 @@ def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, 
     assert json.loads((out / "classification_report.json").read_text())["macro avg"]["support"] == 301
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 @pytest.mark.parametrize("case", ["bad option", "no data"])
 def test_bad_input_under_a_two_process_launch_is_said_once(launcher, case, tmp_path):
     """Every process sees the same bad input; rank 0 alone says it, in one line. The launcher
-    then reports its failed processes in its own words and exits 1 (README, "Exit codes")."""
+    then reports its failed processes in its own words and exits 1 (README, "Exit codes").
+    Slow: four 2-process launches, since what is checked is which rank prints (the one-line
+    errors themselves are checked in process, tests/test_config.py and test_data.py)."""
     args = {"bad option": ["--lr", "-1"],
             "no data": ["--data-dir", tmp_path / "empty", "--no-download", "--report-to", "none",
                         "--output-dir", tmp_path / "out"]}[case]

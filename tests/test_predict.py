@@ -198,3 +198,35 @@ def test_bad_input_from_the_command_line(bad_cases):
     args, expected = bad_cases["not an image"]
     result = run([sys.executable, PREDICT_PY, "--weights", *args])
     assert_one_line_error(result.returncode, result.stdout, result.stderr, expected)
+
+
+# ---- models of other data sets, in process -------------------------------------------------
+
+def test_an_image_reaches_a_colour_model_at_its_size_and_with_its_normalisation(tmp_path):
+    """For a model of another data set (CIFAR-10's normalisation here, at a size that is not
+    square): the image is resized to the model's height and width, each in its place, and
+    normalised with the data set's own mean and std, not MNIST's."""
+    from dataclasses import replace
+
+    from dist_resnet.datasets import CIFAR_SPEC
+    from dist_resnet.images import read_resized
+    from dist_resnet.model import ResNet
+    spec = replace(CIFAR_SPEC, size=(12, 20))  # height 12, width 20
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)  # 30 high, 50 wide
+    path = tmp_path / "picture.png"
+    Image.fromarray(pixels).save(path)
+    expected = np.asarray(Image.fromarray(pixels).resize((20, 12), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    read = read_resized(path, 3, spec.size)
+    assert read.shape == (3, 12, 20) and np.array_equal(read, expected)
+
+    torch.manual_seed(0)
+    model = ResNet((4, 8, 8), 3, 10)
+    [result] = predict_files(model, [path], spec)
+    x = torch.from_numpy(expected[None].copy()).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CIFAR_SPEC.mean, CIFAR_SPEC.std))
+    with torch.no_grad():
+        probabilities = torch.softmax(model.eval()((x - mean) / std).double(), dim=1)[0]
+        as_mnist = torch.softmax(model(normalize(torch.from_numpy(expected[None].copy()))).double(), dim=1)[0]
+    assert (probabilities - as_mnist).abs().max() > 1e-3  # what a normalisation mix-up would change
+    np.testing.assert_allclose(result["probabilities"], probabilities.numpy(), rtol=1e-5, atol=1e-7)
+    assert result["class"] == CIFAR_SPEC.class_names[int(probabilities.argmax())]

@@ -3,6 +3,7 @@ and evaluate.py reproducing the training report."""
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,12 +14,19 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import wandb_records
-from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, run
+from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, in_process, run
 from dist_resnet import rundir
 from dist_resnet.data import random_affine
 
 EVALUATE_PY = REPO / "dist_resnet" / "evaluate.py"
 PLOTS = ["confusion_matrix.png", "curves.png", "misclassified.png"]
+
+
+def evaluate(args, capsys) -> subprocess.CompletedProcess:
+    """evaluate.py's main() in this process (test_evaluate_reproduces_the_training_report
+    starts it as users do)."""
+    from dist_resnet.evaluate import main
+    return in_process(main, args, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +87,9 @@ def test_evaluate_reproduces_the_training_report(tracked_run, tmp_path):
         image.verify()
 
 
-def test_evaluate_accepts_a_checkpoint(tracked_run, tmp_path):
+def test_evaluate_accepts_a_checkpoint(tracked_run, tmp_path, capsys):
     checkpoint = sorted((tracked_run / "checkpoints").glob("step-*"))[-1]
-    result = run([sys.executable, EVALUATE_PY, checkpoint, "--output-dir", tmp_path])
+    result = evaluate([checkpoint, "--output-dir", tmp_path], capsys)
     assert result.returncode == 0, describe(result)
     # The last checkpoint holds the final weights: the same report.
     assert json.loads((tmp_path / "classification_report.json").read_text()) == \
@@ -89,10 +97,10 @@ def test_evaluate_accepts_a_checkpoint(tracked_run, tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"not a weights file at all", b""])
-def test_evaluate_refuses_corrupt_weights(content, mnist_dir, tmp_path):
+def test_evaluate_refuses_corrupt_weights(content, mnist_dir, tmp_path, capsys):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(content)
-    result = run([sys.executable, EVALUATE_PY, weights, "--data-dir", mnist_dir])
+    result = evaluate([weights, "--data-dir", mnist_dir], capsys)
     assert result.returncode == 2, describe(result)
     assert "not a safetensors weights file" in result.stderr and "Traceback" not in result.stderr
 
@@ -111,17 +119,17 @@ def test_augment_moves_pixels_and_keeps_shape():
     torch.testing.assert_close(still, images.float(), atol=1e-3, rtol=0)  # no transform: no change
 
 
-def test_every_file_of_a_run_is_a_known_run_file(tracked_run, tmp_path):
+def test_every_file_of_a_run_is_a_known_run_file(tracked_run, tmp_path, capsys):
     """rundir.RUN_FILES is what marks a directory as a run's and what --overwrite deletes: it
     must name everything a run (and evaluate.py, by default) writes there."""
-    result = run([sys.executable, EVALUATE_PY, tracked_run])  # writes into tracked_run/eval
+    result = evaluate([tracked_run], capsys)  # writes into tracked_run/eval
     assert result.returncode == 0, describe(result)
     assert {p.name for p in tracked_run.iterdir()} - {".lock", "launch.log"} <= set(rundir.RUN_FILES)
     assert (tracked_run / "eval" / "classification_report.json").is_file()
     assert "classification_report.json" in {p.name for p in tracked_run.iterdir()}  # training's, kept
 
 
-def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_path):
+def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_path, capsys):
     """A config.json in a directory above the weights is not theirs: it changes nothing. A
     run record with an invalid value is refused with one line."""
     nested = tmp_path / "a" / "b"
@@ -129,7 +137,7 @@ def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_pa
     shutil.copy(tracked_run / "model.safetensors", nested)
     record = json.loads((tracked_run / "config.json").read_text())
     (tmp_path / "a" / "config.json").write_text(json.dumps({**record, "test_limit": 7}))
-    result = run([sys.executable, EVALUATE_PY, nested, "--data-dir", mnist_dir])
+    result = evaluate([nested, "--data-dir", mnist_dir], capsys)
     assert result.returncode == 0, describe(result)
     assert json.loads((nested / "eval" / "classification_report.json").read_text())["macro avg"]["support"] == 301
 
@@ -137,32 +145,32 @@ def test_evaluate_reads_only_the_run_it_was_given(tracked_run, mnist_dir, tmp_pa
     damaged.mkdir()
     shutil.copy(tracked_run / "model.safetensors", damaged)
     (damaged / "config.json").write_text(json.dumps({**record, "test_limit": -5}))
-    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "test_limit must be")
+    assert_one_line_error(evaluate([damaged], capsys), 2, "test_limit must be")
     (damaged / "config.json").write_text(json.dumps({**record, "format": 0}))
-    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "not written by this version")
+    assert_one_line_error(evaluate([damaged], capsys), 2, "not written by this version")
     (damaged / "config.json").write_text(json.dumps({**record, "per_process_batch": 0}))
-    assert_one_line_error(run([sys.executable, EVALUATE_PY, damaged]), 2, "per_process_batch out of range")
+    assert_one_line_error(evaluate([damaged], capsys), 2, "per_process_batch out of range")
 
 
-def test_evaluate_never_writes_over_a_training_run(tracked_run, tmp_path):
+def test_evaluate_never_writes_over_a_training_run(tracked_run, tmp_path, capsys):
     before = (tracked_run / "classification_report.json").read_bytes()
     checkpoint = sorted((tracked_run / "checkpoints").glob("step-*"))[0]
-    result = run([sys.executable, EVALUATE_PY, checkpoint, "--output-dir", tracked_run])
+    result = evaluate([checkpoint, "--output-dir", tracked_run], capsys)
     assert_one_line_error(result, 2, "holds a training run")
     assert (tracked_run / "classification_report.json").read_bytes() == before
 
 
-def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, tmp_path):
+def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, tmp_path, capsys):
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tracked_run, interrupted, ignore=shutil.ignore_patterns("wandb", "tensorboard", "eval"))
     (interrupted / "model.safetensors").unlink()
-    result = run([sys.executable, EVALUATE_PY, interrupted])
+    result = evaluate([interrupted], capsys)
     assert result.returncode == 0, describe(result)
     newest = sorted((interrupted / "checkpoints").glob("step-*"))[-1].name
     assert f"has no final weights (the run did not finish): evaluating its newest checkpoint, {newest}" in result.stdout
     assert (interrupted / "eval" / newest / "classification_report.json").is_file()
     shutil.rmtree(interrupted / "checkpoints")
-    assert_one_line_error(run([sys.executable, EVALUATE_PY, interrupted]), 2, "no model.safetensors and no complete checkpoint")
+    assert_one_line_error(evaluate([interrupted], capsys), 2, "no model.safetensors and no complete checkpoint")
 
 
 NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}

@@ -5,6 +5,8 @@ import json
 import shutil
 import sys
 
+import pytest
+
 from conftest import assert_one_line_error, describe, run
 
 from dist_resnet.config import ExitCode
@@ -44,3 +46,20 @@ def test_no_finished_run_is_one_line_and_exit_2(tmp_path):
     result = summarize(tmp_path / "missing", "--output-dir", tmp_path / "summary")
     assert_one_line_error(result, ExitCode.BAD_INPUT, "none of the 1 run directories holds a finished run")
     assert not (tmp_path / "summary").exists()
+
+
+def test_the_spread_of_several_seeds_is_the_sample_standard_deviation():
+    """Four finished runs of one group (seeds 0-3) with accuracies 0.1 .. 0.4: the std is the
+    sample standard deviation (n - 1 in the denominator), sqrt(1/60) = 0.1291, not the
+    population one, 0.1118; the markdown table shows it."""
+    from dist_resnet.summarize import RunResult, markdown, summarise
+    runs = [RunResult(f"run{seed}", "done", run_name=f"run{seed}", group={"lr": 0.001, "world_size": 2}, seed=seed,
+                      test_acc=accuracy, time_to_final_eval_s=10.0 + seed, images_per_s=100.0)
+            for seed, accuracy in enumerate([0.1, 0.2, 0.3, 0.4])]
+    (group,) = summarise(runs)
+    assert group["seeds"] == [0, 1, 2, 3] and group["test_acc"]["n"] == 4
+    assert group["test_acc"]["mean"] == pytest.approx(0.25)
+    assert group["test_acc"]["std"] == pytest.approx((1 / 60) ** 0.5, rel=1e-12)
+    assert group["time_to_final_eval_s"]["std"] == pytest.approx((5 / 3) ** 0.5, rel=1e-12)
+    assert group["images_per_s"]["std"] == 0
+    assert "0.2500 ± 0.1291" in markdown([group], runs)

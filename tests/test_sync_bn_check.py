@@ -102,7 +102,8 @@ def test_the_biases_in_front_of_batchnorm_would_fail_even_the_right_computation(
 def test_in_float32_even_the_right_computation_would_fail(models):
     """Why the check computes in float64: after one float32 step of another summation order the
     weights differ in the last bits, a few ReLUs flip, and the next gradients differ in their
-    3rd digit, though the computation is the right one."""
+    3rd or 4th digit (how far depends on the CPU's kernels), though the computation is the
+    right one: far above the float64 check's tolerance either way."""
     reference, candidate = (m.float() for m in models)
     step = synchronized(candidate)
     ref_params, params = dict(reference.named_parameters()), dict(candidate.named_parameters())
@@ -118,7 +119,7 @@ def test_in_float32_even_the_right_computation_would_fail(models):
                 for p in model.parameters():
                     p -= LR * p.grad
                     p.grad = None
-    assert worst[0] < 1e-4 < 1e-3 < worst[1], worst
+    assert worst[0] < 1e-4 and worst[1] > max(1e4 * TOLERANCE, 10 * worst[0]), worst
 
 
 def test_per_rank_batchnorm_fails(models):

@@ -201,9 +201,11 @@ def test_accumulated_step_has_the_gradients_of_the_whole_batch(accelerator, mnis
     torch.testing.assert_close(steps[4][1], steps[1][1])
 
 
+@pytest.mark.slow
 def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_path):
     """A real 2-process group: DDP's all-reduce runs in the last micro-batch only (as often as
-    without accumulation), and the gradients are the unaccumulated step's."""
+    without accumulation), and the gradients are the unaccumulated step's. Slow: a torchrun
+    launch, since what is counted is DDP's communication (the gradients: in process above)."""
     from safetensors import safe_open
 
     from conftest import describe, torchrun
@@ -228,9 +230,11 @@ def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
 
 # ---- weight EMA ----------------------------------------------------------------------------
 
-def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mnist_dir):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mnist_dir, accumulate):
+    """One average step per optimizer step, with --accumulate too (not one per micro-batch)."""
     decay = 0.75
-    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", decay)
+    recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--ema", decay, "--accumulate", accumulate)
     expected = {k: v.clone() for k, v in recipe.net.state_dict().items()}  # starts at the initial weights
 
     def average(step):
@@ -238,7 +242,7 @@ def test_ema_is_the_hand_computed_average_of_weights_and_buffers(accelerator, mn
             expected[name] = (decay * expected[name] + (1 - decay) * value if value.is_floating_point()
                               else value.clone())
     train_steps(recipe, 0, 3, on_step=average)
-    plain = make_recipe(accelerator, mnist_dir, "--epochs", 1)
+    plain = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--accumulate", accumulate)
     train_steps(plain, 0, 3)
     assert_same_state(recipe, plain)  # the average does not change what is trained
     got = recipe.ema.model.state_dict()
@@ -306,8 +310,27 @@ def toolkit_run(mnist_dir, tmp_path_factory):
     return out, result
 
 
+def mnist_dir_of(result) -> Path:
+    return Path(result.args[result.args.index("--data-dir") + 1])
+
+
+def evaluate_file(weights: Path, mnist_dir: Path) -> tuple[float, float]:
+    """(accuracy, mean loss) of a weights file on the whole test split, in this process."""
+    import torch.nn.functional as F
+
+    from dist_resnet.config import WIDTHS
+    from dist_resnet.model import load_model
+    model = load_model(weights, WIDTHS.accepts).eval()
+    images, labels = data.load_split(mnist_dir, "test")
+    with torch.no_grad():
+        logits = model(data.normalize(images))
+    return float((logits.argmax(1) == labels).double().mean()), float(F.cross_entropy(logits, labels))
+
+
 @pytest.mark.slow
 def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
+    """Slow: the options together under a real 2-process `accelerate launch` (shared with
+    the next test), where the EMA's and the model's BatchNorm statistics differ by rank."""
     from conftest import train_records
     from safetensors.torch import load_file
     out, result = toolkit_run
@@ -319,6 +342,12 @@ def test_launched_run_logs_norms_lrs_and_ema(toolkit_run):
             assert r["lr"] == pytest.approx(expected_lr(3e-3, r["step"], 4, 32, cosine=True), rel=1e-12)
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
     assert all(0 <= r["test_acc_ema"] <= 1 and r["test_loss_ema"] > 0 for r in evals)
+    # The last evaluation, of the raw weights and of their average, is one process's of the
+    # weights saved: rank 0's BatchNorm statistics on every rank (each rank's own differ).
+    for name, suffix in (("model.safetensors", ""), ("model-ema.safetensors", "_ema")):
+        accuracy, loss = evaluate_file(out / name, mnist_dir_of(result))
+        assert evals[-1][f"test_acc{suffix}"] == pytest.approx(accuracy, abs=1e-12), name
+        assert evals[-1][f"test_loss{suffix}"] == pytest.approx(loss, rel=1e-5), name
     ema, raw = load_file(out / "model-ema.safetensors"), load_file(out / "model.safetensors")
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
     final = load_file(checkpoint.complete_checkpoints(out)[-1] / "state.safetensors")
@@ -347,33 +376,37 @@ def test_best_weights_are_those_of_the_best_evaluation(toolkit_run):
 
 @pytest.mark.slow
 def test_early_stop_stops_every_rank_at_the_same_epoch(mnist_dir, tmp_path):
-    """A learning rate so small that test accuracy stands still: --early-stop 2 ends the run 2
-    evaluations after its best, every rank at the same step (one that kept training would
-    wait in a collective until --dist-timeout failed the job), with a final checkpoint both
-    ranks wrote."""
+    """A learning rate at which test accuracy first stands still, then improves, then falls
+    back: --early-stop 2 ends the run 2 evaluations after its best (the count started again
+    at each improvement), every rank at the same step (one that kept training would wait in
+    a collective until --dist-timeout failed the job), with a final checkpoint both ranks
+    wrote. Slow: two 2-process launches, since what is checked is that the ranks agree (the
+    rule itself: in process, test_an_improvement_resets_the_count_of_evaluations_without_one)."""
     from conftest import TRAIN_PY, accelerate_launch, describe, train_records
     out = tmp_path / "run"
-    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "8", "--lr", "1e-7",
+    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "10", "--lr", "1e-3",
                                "--early-stop", "2", "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, describe(result)
     evals = train_records(out, "eval")
-    best_at, since, stop_epoch = None, 0, None
+    best_at, since, stop_epoch, reset_after_a_miss = None, 0, None, False
     for r in evals:  # the rule, applied to the evaluations the run logged
         if best_at is None or r["test_acc"] > best_at:
+            reset_after_a_miss |= since > 0
             best_at, since = r["test_acc"], 0
         else:
             since += 1
         if since == 2:
             stop_epoch = r["epoch"]
             break
-    assert stop_epoch is not None and stop_epoch < 8, evals  # it did stop early
+    assert stop_epoch is not None and stop_epoch < 10, evals  # it did stop early
+    assert reset_after_a_miss, evals  # an improvement after an evaluation without one: what is tested
     assert evals[-1]["epoch"] == stop_epoch and "stopping early at step" in result.stdout
     newest = checkpoint.complete_checkpoints(out)[-1]
     assert newest.name == f"step-{stop_epoch * 8:08d}"
     assert {p.name for p in newest.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
     assert (out / "model.safetensors").exists() and (out / "classification_report.txt").exists()
     # The checkpoint holds the early stop: resuming it trains nothing more.
-    again = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "8", "--lr", "1e-7",
+    again = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "10", "--lr", "1e-3",
                               "--early-stop", "2", "--output-dir", out, "--resume", "auto",
                               env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, describe(again)
@@ -489,3 +522,54 @@ def test_deterministic_sets_the_switches_and_a_step_runs_under_them(accelerator,
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+# ---- --keep-best / --early-stop: the record, in process ------------------------------------
+
+@pytest.mark.parametrize("metric, values", [
+    ("test_acc", [0.5, 0.4, 0.5, 0.6, 0.55, 0.6, 0.7, 0.7]),
+    ("test_loss", [2.0, 2.5, 2.0, 1.5, 1.6, 1.5, 1.0, 1.0]),
+])
+def test_an_improvement_resets_the_count_of_evaluations_without_one(metric, values):
+    """--early-stop counts the evaluations since the best one: an improvement after some
+    without one starts the count again, and a tie is no improvement."""
+    from dist_resnet.best import Best
+    best = Best(metric)
+    seen = [(best.update({metric: value}, step), best.since, best.value, best.step)
+            for step, value in enumerate(values, 1)]
+    assert [s[0] for s in seen] == [True, False, False, True, False, False, True, False]
+    assert [s[1] for s in seen] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [(s[2], s[3]) for s in seen][-1] == (values[6], 7)
+    resumed = Best(metric)  # a checkpoint continues the count
+    resumed.load_state_dict(best.state_dict())
+    assert (resumed.update({metric: values[0]}, 9), resumed.since) == (False, 2)
+
+
+# ---- --clip-grad under a gradient scaler (fp16) ----------------------------------------------
+
+@pytest.fixture
+def fp16_scaler(accelerator, monkeypatch):
+    """The shared in-process Accelerator as --mixed-precision fp16 sets it up: fp16 autocast
+    and a real torch GradScaler that multiplies the loss by 2^12. Accelerate refuses fp16 on a
+    CPU, so its three settings are set here, for this test only; the scaling, the unscaling
+    in clip_grad_norm_ and the scaler's optimizer step are Accelerate's and torch's own."""
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    return accelerator
+
+
+def test_fp16_gradients_are_unscaled_before_they_are_clipped(fp16_scaler, mnist_dir):
+    """The bound applies to the true gradients, not to the scaled ones: the gradients the
+    optimizer applies have the bound's norm, and the norm reported is the true one."""
+    free_recipe = make_recipe(fp16_scaler, mnist_dir, "--epochs", 1)
+    assert free_recipe.optimizer.scaler is fp16_scaler.scaler
+    free = gradients_at_step(free_recipe)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free])))
+    assert math.isfinite(norm) and norm > 0
+    fp16_scaler.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)  # the first one has updated
+    clipped_recipe = make_recipe(fp16_scaler, mnist_dir, "--epochs", 1, "--clip-grad", norm / 4)
+    clipped = gradients_at_step(clipped_recipe)
+    assert float(clipped_recipe.grad_norm) == pytest.approx(norm, rel=1e-4)  # not 2^12 times it
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+    assert float(after) == pytest.approx(norm / 4, rel=1e-4)
