@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, TRAIN_PY, describe, start, train_records, wait_for
+from conftest import QUICK, TRAIN_PY, parse_error, start, train_records, wait_for
 from dist_resnet import compile_cache
 from dist_resnet.compile_cache import Refused, Store, WarmStart
 
@@ -28,6 +28,14 @@ def private_places(tmp_path, monkeypatch):
     """A key and an inductor cache directory of the test's own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def test_compile_cache_takes_a_directory(capsys):
+    from dist_resnet.train import parse_args
+
+    assert parse_args(["--compile-cache", "shared/cache"]).compile_cache == "shared/cache"
+    assert parse_args([]).compile_cache is None
+    assert "--compile-cache" in parse_error(["--compile-cache", ""], capsys)
 
 
 def test_the_key_is_private_made_once_and_refused_when_others_can_read_it(tmp_path):
