@@ -256,7 +256,7 @@ def graphs_compiled() -> int:
 
 class WarmStart:
     """One rank's use of the stores around its first compiled step: load() before it,
-    saved() after it. `parts` says what shapes the compiled graphs (entry_name)."""
+    save() after it. `parts` says what shapes the compiled graphs (entry_name)."""
 
     def __init__(self, sources: list[Store], targets: list[Store], device: torch.device, parts: dict,
                  writer: bool):
