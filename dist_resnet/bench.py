@@ -4,6 +4,7 @@ reference notebook's loop measured in the same run (docs/benchmarks.md: usage, k
     python -m dist_resnet.bench --quick                        # CPU smoke run, seconds
     python -m dist_resnet.bench --data-dir data --time-to-accuracy 0.99 -- --recipe fast
     python -m dist_resnet.bench --data-dir data --configs compiled --time-to-accuracy 0.99 --seeds 0,1,2,3,4 -- --recipe fast
+    python -m dist_resnet.bench --startup --data-dir data      # launch to first step: eager, compiled cold and warm
 
 A configuration is a set of train.py options (CONFIGS), trained by the recipe.Recipe train.py
 builds, in a fresh process of its own. Timed: --steps steps after --warmup untimed ones (compile
@@ -13,7 +14,9 @@ happens there), between two synchronizations. One JSON line per configuration on
 
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, datasets, distributed, provenance, recipe, tracking
+from dist_resnet import cli, data, datasets, distributed, files, provenance, recipe, tracking
 from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
 PROG = "python -m dist_resnet.bench"
@@ -64,6 +67,7 @@ class Settings:
     seeds: tuple[int, ...] | None  # time to accuracy from each of these --seed's, in one process
     timeout: float  # seconds one configuration may take
     train_args: tuple[str, ...]  # train.py options for every configuration (after --)
+    startup: bool = False  # measure train.py's launch to first step instead (startup())
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -85,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    "for at most train.py's --epochs")
     p.add_argument("--seeds", help="with --time-to-accuracy: comma-separated seeds, each timed from its own initial "
                    "weights and data order in the same process (compiled once); the mean and spread are reported")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: launch train.py to its first step, uncompiled, compiled cold (empty caches) "
+                   "and compiled warm (an empty inductor cache, the cold run's artifacts), side by side")
     p.add_argument("--timeout", type=positive(float, MAX_DIST_TIMEOUT_S), default=900.0,
                    help="seconds one configuration may take")
     p.epilog = "Options after -- are train.py's, for every configuration: -- --recipe fast --batch-size 256"
@@ -114,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         # The baseline always runs, first: every other figure is also a ratio to it.
         configs=tuple(n for n in CONFIGS if n == "notebook" or not named or n in named), named=named,
         quick=args.quick, json_out=args.json_out, time_to_accuracy=args.time_to_accuracy, seeds=seeds, timeout=args.timeout,
-        train_args=tuple(train_args))
+        train_args=tuple(train_args), startup=args.startup)
 
 
 def train_options(name: str, settings: Settings, data_dir: Path) -> list[str]:
@@ -312,6 +319,55 @@ def run_config(name: str, settings: Settings, data_dir: Path) -> dict:
     return row
 
 
+STARTS = {"eager": ["--no-compile"], "compiled_cold": ["--compile"], "compiled_warm": ["--compile"]}
+
+
+def startup(settings: Settings, data_dir: Path) -> dict:
+    """train.py launched as a user launches it, each in a process of its own with an empty
+    inductor cache directory (a new node): uncompiled, compiled cold, then compiled warm from
+    the artifacts the cold run left in a --compile-cache. Each is stopped (SIGTERM) once its
+    startup record is written; the row holds the records and the launch-to-record seconds."""
+    row = {"config": "startup", "summary": "train.py launch to first step: " + ", ".join(STARTS), "error": None}
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        for name, options in STARTS.items():
+            say(f"starting {name} ...")
+            command = [sys.executable, "-m", "dist_resnet.train", *(QUICK if settings.quick else []), "--epochs", "1",
+                       *(["--cpu"] if settings.device == "cpu" else []), *settings.train_args, "--data-dir", str(data_dir),
+                       "--no-download", "--report-to", "none", *options, "--compile-cache", f"{tmp}/shared",
+                       "--output-dir", f"{tmp}/{name}"]
+            row[name] = first_step(command, Path(tmp, name), {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor-{name}"},
+                                   settings.timeout)
+            row["error"] = row["error"] or row[name].get("error")
+    if not row["error"]:
+        row["warm_vs_cold"] = round(row["compiled_warm"]["to_first_step_s"] / row["compiled_cold"]["to_first_step_s"], 3)
+    return row
+
+
+def first_step(command: list[str], out: Path, env: dict, timeout: float) -> dict:
+    """The startup record of train.py `command` (output directory `out`), with the seconds from
+    launching it to reading the record; the run is stopped then."""
+    began = time.perf_counter()
+    with open(f"{out}.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        while time.perf_counter() - began < timeout and process.poll() is None:
+            found = [r for r in files.read_jsonl(out / "metrics.jsonl")[0] if r.get("event") == "startup"]
+            if found:
+                return {"launch_to_record_s": round(time.perf_counter() - began, 3), **found[0]}
+            time.sleep(0.1)
+        tail = " ".join(Path(f"{out}.log").read_text().split())[-300:]
+        return {"error": f"no first step (exit {process.poll()}): {tail}" if process.poll() is not None
+                else f"no first step within {timeout:g} s"}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # a checkpoint, then exit: train.py's way to stop
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 class BadInput(Exception):
     """A configuration's process refused its options or data."""
 
@@ -364,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
             common = {**provenance.describe(settings.device), "data": description, "settings": asdict(settings)}
             say(f"{common['device_name']} ({settings.device}), torch {common['torch']}, "
                 f"{settings.warmup} warm-up + {settings.steps} timed steps per config, data: {description}")
+            if settings.startup:
+                row = {**startup(settings, data_dir), **common}
+                print(json.dumps(row), flush=True)
+                if settings.json_out:
+                    Path(settings.json_out).write_text(json.dumps(row) + "\n")
+                say("\n" + "\n".join(f"{name}: " + (f"error: {row[name]['error']}" if "error" in row[name] else
+                                       f"first step {row[name]['to_first_step_s']:.1f} s after launch (compile "
+                                       f"{row[name]['compile_s']:.1f} s, cache {row[name]['compile_cache']})")
+                                       for name in STARTS))
+                return ExitCode.FAILED if row["error"] else ExitCode.OK
             for name in settings.configs:
                 row = {**run_config(name, settings, data_dir), **common}
                 baseline = rows[0]["images_per_s"] if rows else row["images_per_s"]  # the notebook's

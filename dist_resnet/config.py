@@ -99,6 +99,7 @@ class Config:
     channels_last: bool = False  # NHWC memory layout (fast with bf16 on tensor cores)
     compile: bool = False  # torch.compile the model; drops the ragged last batch (static shapes)
     compile_mode: str = "default"  # default|reduce-overhead (CUDA graphs)|max-autotune
+    compile_cache: str | None = None  # a directory of compiled artifacts shared by runs (compile_cache.py)
     seed: int = 0
     mixed_precision: str | None = None  # no|fp16|bf16; None: what the launcher configured
     cpu: bool = False  # train on the CPU even where a GPU is present
@@ -168,7 +169,8 @@ class Facts:
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers",
                  "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
-                 "keep_best", "early_stop", "profile", "config_file", "deterministic", "stop_check_every")
+                 "keep_best", "early_stop", "profile", "config_file", "deterministic", "stop_check_every",
+                 "compile_cache")
 
 
 def from_values(cls, values: dict, source: str):
@@ -306,7 +308,7 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "dist_timeout": positive(float, MAX_DIST_TIMEOUT_S, minimum=1.0), "checkpoint_every": NON_NEGATIVE,
          "stop_check_every": positive(int),
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
-         "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "image_size": positive(int, 4096),
+         "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "compile_cache": PATH, "image_size": positive(int, 4096),
          "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64"),
          "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
          "clip_grad": positive(float), "accumulate": positive(int),
@@ -439,6 +441,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
                    help="torch.compile the model; drops the ragged last batch (default off)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=defaults.compile_mode,
                    help="reduce-overhead uses CUDA graphs")
+    p.add_argument("--compile-cache", type=PATH, default=None, metavar="DIR",
+                   help="also keep and look for compiled artifacts in DIR, shared by runs (a sweep, a job "
+                   "array) on shared storage; each run also keeps its own in OUTPUT_DIR/compile-cache")
     p.add_argument("--seed", type=SEED, default=defaults.seed)
     p.add_argument("--augment", action="store_true",
                    help="random rotations (±10°), shifts (±10%%) and zooms (±10%%) of each training "

@@ -25,15 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.datasets import KMNIST, MNIST, FashionMNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # The MNIST family: the same four IDX files, in torchvision's layout DATA_DIR/<folder>/raw.
-IDX_DATASETS = {"mnist": MNIST, "fashion-mnist": FashionMNIST, "kmnist": KMNIST}
+# torchvision's classes, by name: torchvision is imported only to download (it imports its model zoo).
+IDX_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 # The usual MNIST normalisation (mean and standard deviation of the training pixels).
 MEAN, STD = 0.1307, 0.3081
 # The largest MNIST file is 47 MB unpacked; a .gz that unpacks to more is not MNIST.
@@ -45,7 +44,7 @@ class DataError(Exception):
 
 
 def raw_dir(data_dir: str | Path, name: str = "mnist") -> Path:
-    return Path(data_dir) / IDX_DATASETS[name].__name__ / "raw"
+    return Path(data_dir) / IDX_DATASETS[name] / "raw"
 
 
 def all_files() -> list[str]:
@@ -91,12 +90,14 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
-        IDX_DATASETS[name](str(staging), train=True, download=True)
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, IDX_DATASETS[name])(str(staging), train=True, download=True)
         for file in all_files():
             os.replace(raw_dir(staging, name) / file, root / file)
     except Exception as err:  # torchvision raises several kinds; the message is what helps
         raise DataError(
-            f"could not download {IDX_DATASETS[name].__name__} into {root} ({' '.join(str(err).split())}). "
+            f"could not download {IDX_DATASETS[name]} into {root} ({' '.join(str(err).split())}). "
             f"Copy the four files {', '.join(all_files())} there by hand (as *-ubyte, or *-ubyte.gz)."
         ) from None
     finally:
@@ -127,7 +128,7 @@ def ensure_mnist(data_dir: str | Path, download: bool, name: str = "mnist") -> P
     if missing:
         hint = "" if download else " (downloading is off: --no-download)"
         raise DataError(
-            f"{IDX_DATASETS[name].__name__} not found in {root}{hint}: missing {', '.join(missing)}. Expected the four "
+            f"{IDX_DATASETS[name]} not found in {root}{hint}: missing {', '.join(missing)}. Expected the four "
             f"files {', '.join(all_files())} (as *-ubyte, or *-ubyte.gz)."
         )
     return root
@@ -165,6 +166,8 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None, name:
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one split, read from the raw files."""
     root = raw_dir(data_dir, name)
     image_name, label_name = FILES[split]
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
     images = _read(root / image_name, read_image_file)
     labels = _read(root / label_name, read_label_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28):

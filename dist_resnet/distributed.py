@@ -146,11 +146,19 @@ def first_failure(failure):
     """Agree on failure: every rank passes what went wrong (None when it succeeded: any
     picklable value otherwise) and gets (rank, value) of the first rank that failed, or None.
     Every rank must call it; all then fail, or go on, together."""
-    if not is_distributed():
-        return None if failure is None else (0, failure)
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure, group=_host_group)
+    failures = gather_all(failure)
     return next(((rank, value) for rank, value in enumerate(failures) if value is not None), None)
+
+
+def gather_all(value) -> list:
+    """Every rank's value, in rank order, on every rank: a collective on the host group, so
+    it also keeps every rank waiting for the slowest one, within --dist-timeout (the gloo
+    group's timeout), whatever the device's own collectives are."""
+    if not is_distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_host_group)
+    return values
 
 
 def first_error(message: str | None) -> str | None:

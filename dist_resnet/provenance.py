@@ -1,6 +1,7 @@
 """Where a result came from: the date, the machine, the software and the commit, recorded
 with every benchmark line and in every run's config.json."""
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import accelerate
 import torch
-import torchvision
 
 
 def describe(device_type: str) -> dict:
@@ -30,6 +30,6 @@ def describe(device_type: str) -> dict:
             "device_name": torch.cuda.get_device_name() if on_cuda else cpu_model,
             "gpu_driver": command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_cuda else None,
             "cuda": torch.version.cuda if on_cuda else None, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+            "torchvision": importlib.metadata.version("torchvision"), "accelerate": accelerate.__version__,
             "python": platform.python_version(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "git_commit": command("git", "rev-parse", "HEAD")}

@@ -33,7 +33,7 @@ BEST_WEIGHTS = "model-best.safetensors"  # --keep-best: the weights of the best 
 RUN_FILES = (RECORD, "metrics.jsonl", "model.safetensors", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "curves.png",
              "misclassified.png", "checkpoints", "wandb", "tensorboard", "eval", EMA_WEIGHTS,
-             BEST_WEIGHTS, profiling.TRACE, profiling.TABLE)
+             BEST_WEIGHTS, profiling.TRACE, profiling.TABLE, "compile-cache")  # compile_cache.RUN_DIR
 
 
 class RunDirError(Exception):

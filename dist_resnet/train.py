@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dist_resnet import (best, checkpoint, cli, data, datasets, distributed, files, profiling, provenance, recipe,
-                         report, rundir, tracking)
+from dist_resnet import (best, checkpoint, cli, compile_cache, data, datasets, distributed, files, profiling,
+                         provenance, recipe, report, rundir, tracking)
 from dist_resnet.config import Config, ExitCode, options_given, parse_config
 from dist_resnet.model import CARD_KEY, count_parameters
 
@@ -31,8 +31,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Start-up, in seconds: the interpreter and imports up to here, then each part of start().
+    started = compile_cache.process_started()
+    clock = {"started": started, "imports_s": time.time() - started}
     argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
+    setup_began = time.perf_counter()
     try:
         accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
                                         timeout_s=config.dist_timeout)
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(PROG, err, show=err.show)
     if distributed.is_distributed():
         distributed.print_main(accelerator, distributed.joined())
-    run = Run(config, accelerator, options_given(argv))
+    clock["setup_s"] = time.perf_counter() - setup_began
+    run = Run(config, accelerator, options_given(argv), clock)
     try:
         run.start()
         return train(run)
@@ -66,9 +71,12 @@ def train(run: "Run") -> int:
     stop = distributed.StopRequest(announce=run.say, every=run.config.stop_check_every)
     with stop.handling():  # till the end: a stop asked for during the report changes nothing
         with run.progress_bar():
+            run.clock["loop"] = time.perf_counter()
             for images, labels in run.remaining_batches():
                 loss = run.recipe.step_on(images, labels)  # forward, backward, optimizer step
                 run.count(loss, len(labels))  # loss window and progress; logs every --log-every steps
+                if run.warm is not None:  # this process's first step, which compiled
+                    run.started()
                 if run.at_epoch_end():
                     run.evaluate_if_due()
                 signum = stop.agreed(run.step)  # 0, or the signal any rank had received a check ago
@@ -84,8 +92,10 @@ class Run:
     """One training run's state on one rank: its output directory, data, recipe, position in
     training, metrics file, plots and trackers. Rank 0 alone writes run files and tracks."""
 
-    def __init__(self, config: Config, accelerator, given: dict | None = None):
+    def __init__(self, config: Config, accelerator, given: dict | None = None, clock: dict | None = None):
         self.config, self.accelerator, self.given = config, accelerator, given
+        self.clock = clock or {"started": time.time(), "imports_s": 0.0, "setup_s": 0.0}
+        self.warm = None  # the compile cache's part of start-up, till the first step (started())
         self.is_main = accelerator.is_main_process
         self.lock = self.trackers = self.plots = self.bar = self.profiler = None
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
@@ -109,7 +119,9 @@ class Run:
             config = dataclasses.replace(config, run_name=distributed.broadcast_object(name))
         self.config, self.run_id = config, claim.run_id
 
+        data_began = time.perf_counter()
         train_data, self.test_data = self.together(self._load_data)
+        self.clock["data_s"] = time.perf_counter() - data_began
         self.recipe = self.together(lambda: recipe.Recipe(config, self.accelerator, train_data))
         self.best = (best.Best(config.keep_best or "test_acc") if config.keep_best or config.early_stop
                      else None)
@@ -119,6 +131,8 @@ class Run:
         self.test_images_host = self.test_data.host_images  # for the plots
         self.together(lambda: self._start_logging(claim, meta), main_only=True)
         self._announce(meta)
+        self.resumed = meta is not None
+        self.warm = self._warm_start()
         self.profiler = profiling.StepProfiler(self.output_dir, config.profile and self.is_main, say=self.say)
 
     def _claim(self, config: Config) -> rundir.Claim:
@@ -196,6 +210,60 @@ class Run:
                 self.trackers.close()
                 raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
         self.plots = report.Plots(self.output_dir, say=self.say)
+
+    def _warm_start(self) -> "compile_cache.WarmStart | bool":
+        """--compile: load the compiled artifacts this user's runs left, on every rank, before
+        anything compiles: this run's own (a resume, a requeue, an elastic restart), those of
+        the run --resume PATH continues, and --compile-cache's. Without --compile, True: the
+        first step is still timed and met at."""
+        config = self.config
+        if not config.compile:
+            return True
+        stores = [compile_cache.Store(self.output_dir / compile_cache.RUN_DIR, "this run")]
+        shared = [compile_cache.Store(config.compile_cache, "--compile-cache")] if config.compile_cache else []
+        sources = list(stores)
+        if config.resume not in (None, "auto"):
+            resumed = Path(config.resume).resolve()
+            if resumed.parent == checkpoint.checkpoint_dir(resumed.parent.parent):
+                sources.append(compile_cache.Store(resumed.parent.parent / compile_cache.RUN_DIR, "--resume's run"))
+        device = self.accelerator.device
+        # Inductor's keys hold the CUDA device index: node 0's ranks each keep their device's
+        # artifact; on a CPU every rank's is rank 0's.
+        writer = self.is_main or (device.type == "cuda" and os.environ.get("RANK") == os.environ.get("LOCAL_RANK"))
+        parts = {**self.recipe.card(), "per_process_batch": self.recipe.per_process_batch,
+                 "accumulate": config.accumulate, "compile_mode": config.compile_mode, "augment": config.augment,
+                 "channels_last": config.channels_last, "mixed_precision": self.accelerator.mixed_precision,
+                 "sync_bn": self.recipe.sync_bn, "device_index": device.index if device.type == "cuda" else None}
+        warm = compile_cache.WarmStart(sources + shared, stores + shared, device, parts, writer)
+        warm.load()
+        for refusal in warm.refusals:
+            self.say(f"compile cache not used: {refusal}; compiling cold")
+        return warm
+
+    def started(self) -> None:
+        """After this process's first step: keep what was compiled, then meet every rank (a
+        host-group collective within --dist-timeout, so that no rank's device collectives wait
+        on a slower compilation), and say where start-up went."""
+        warm, self.warm = self.warm, None
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels are part of its time; no value changes
+        first_step_s = time.perf_counter() - self.clock["loop"]
+        compiled = isinstance(warm, compile_cache.WarmStart)
+        status = warm.status(compile_cache.graphs_compiled()) if compiled else "off"
+        for problem in warm.save() if compiled else []:
+            self.say(problem)
+        ranks = distributed.gather_all(status)
+        differ = next((f"; rank {rank}: {other}" for rank, other in enumerate(ranks) if other != status), "")
+        clock = self.clock
+        figures = {"to_first_step_s": time.time() - clock["started"], "imports_s": clock["imports_s"],
+                   "setup_s": clock["setup_s"], "data_s": clock["data_s"],
+                   "compile_s": first_step_s if compiled else 0.0, "first_step_s": first_step_s}
+        figures = {name: round(value, 3) for name, value in figures.items()}
+        self.log("startup", self.step / self.recipe.steps_per_epoch, **figures,
+                 compile_cache=status + differ, resumed=self.resumed)
+        self.say(f"first step after {figures['to_first_step_s']:.1f} s (imports {figures['imports_s']:.1f} s, "
+                 f"data {figures['data_s']:.1f} s, compile {figures['compile_s']:.1f} s; "
+                 f"compile cache: {status + differ})")
 
     def together(self, action, main_only: bool = False):
         """action() on every rank (rank 0 only with main_only); a user error on any rank is
@@ -330,7 +398,8 @@ class Run:
                 self.metrics_failed = True
             # "epoch" once a step: with the train record, which every evaluated step also has.
             extra = {"epoch": epoch} if event == "train" else {}
-            self.trackers.log({f"{event}/{k}": v for k, v in values.items()} | extra, self.step)
+            numbers = {k: v for k, v in values.items() if isinstance(v, int | float)}  # TensorBoard takes no text
+            self.trackers.log({f"{event}/{k}": v for k, v in numbers.items()} | extra, self.step)
 
     def checkpoint_due(self) -> bool:
         every = self.config.checkpoint_every

@@ -26,7 +26,10 @@ def results(out: Path, step: str) -> list[str]:
         evals = [r for r in records if r.get("event") == "eval"]
         cut = f"  no report; last evaluation: epoch {evals[-1]['epoch']}, test accuracy {evals[-1]['test_acc']:.4f}" \
             if evals else "  no report, no evaluation"
-        return [f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
+        startup = [f"  start-up: first step after {r['to_first_step_s']} s (compile {r['compile_s']} s, "
+                   f"compile cache {r['compile_cache']})" for r in records if r.get("event") == "startup"]
+        return [*startup,
+                f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
                 f"  training images/s, best logged window: {speed[-1]:,.0f}" if speed else "",
                 f"  training images/s, median of logged windows: {speed[len(speed) // 2]:,.0f}" if speed else ""]
     if step.startswith(("bench", "fast_seed")):

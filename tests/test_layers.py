@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "dist_resnet"
 FOUNDATIONS = {"config", "model", "data", "images", "metrics", "distributed", "files", "plots", "provenance",
                "ema", "best", "profiling"}
-SERVICES = {"recipe", "checkpoint", "rundir", "tracking", "report", "datasets"}
+SERVICES = {"recipe", "checkpoint", "rundir", "tracking", "report", "datasets", "compile_cache"}
 COMMANDS = {"cli", "train", "evaluate", "predict", "bench", "export", "summarize"}
 
 

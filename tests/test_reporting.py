@@ -40,7 +40,8 @@ def test_wandb_history_and_summary_hold_the_logged_keys(tracked_run):
     keys = set().union(*wandb_records.history(run_file))
     for key in ["train/train_loss", "train/lr", "train/images_per_s", "eval/test_acc",
                 "eval/test_loss", "classification_report", "classification_report_table/_type",
-                "confusion_matrix_table/_type", "misclassified/_type", "plots/curves/_type"]:
+                "confusion_matrix_table/_type", "misclassified/_type", "plots/curves/_type",
+                "startup/to_first_step_s", "startup/compile_s"]:
         assert key in keys, key
     eval_steps = [row for row in wandb_records.history(run_file) if "eval/test_acc" in row]
     assert len(eval_steps) == 4  # one per epoch
@@ -61,6 +62,7 @@ def test_tensorboard_event_files_read_back(tracked_run):
     tags = accumulator.Tags()
     assert {"train/train_loss", "eval/test_acc", "eval/test_loss"} <= set(tags["scalars"])
     assert len(accumulator.Scalars("eval/test_acc")) == 4
+    assert [event.step for event in accumulator.Scalars("startup/to_first_step_s")] == [1]  # the startup record's
     for tag in tags["scalars"]:  # each scalar once a step
         steps = [event.step for event in accumulator.Scalars(tag)]
         assert len(steps) == len(set(steps)), tag
