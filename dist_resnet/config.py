@@ -309,6 +309,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, once: not where the help says it in its own words,
+    nor "(default: None)" for an option whose absence means "the run's" or "none"."""
+
+    def _get_help_string(self, action):
+        if action.default is None or re.search(r"\bdefault\b", action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, speaking once per job and in one line: under a launcher every process parses
     the same command line, and only rank 0 prints help or the error (all exit alike, code 2
@@ -316,7 +326,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, prog: str, description: str, **kwargs):
         super().__init__(prog=prog, description=description,
-                         formatter_class=kwargs.pop("formatter_class", argparse.ArgumentDefaultsHelpFormatter),
+                         formatter_class=kwargs.pop("formatter_class", DefaultsHelp),
                          **kwargs)
 
     def _print_message(self, message, file=None):
