@@ -2,10 +2,11 @@
 and check the file: onnxruntime runs it on test images of the data set it was trained on, and
 its predictions must be PyTorch's and its logits within LOGIT_TOLERANCE of them.
 
-    python -m dist_resnet.export runs/NAME [--output model.onnx] [--data-dir ./data]
+    python -m dist_resnet.export runs/NAME [--output model.onnx] [--data-dir DIR]
 
-The ONNX graph takes uint8 pixels [N, C, H, W] (0-255, any N; for MNIST [N, 1, 28, 28], what
-its files hold) and returns the logits [N, classes]: the normalisation is inside the graph.
+The ONNX graph takes uint8 pixels [N, C, H, W] (0-255, any N; [N, 1, 28, 28] for the MNIST
+family, [N, 3, 32, 32] for CIFAR-10, an ImageFolder's channels and size) and returns the logits
+[N, classes]: the normalisation is inside the graph.
 """
 
 import io
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, datasets, files
+from dist_resnet import checkpoint, cli, data, datasets, files, rundir
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
 from dist_resnet.model import load_model, read_card, weights_path
 
@@ -32,7 +33,7 @@ LOGIT_TOLERANCE = 1e-4
 class Options:
     weights: Path
     output: Path | None
-    data_dir: str
+    data_dir: str | None
     check_images: int
 
 
@@ -43,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         "a run's output directory or a checkpoint directory holding one")
     parser.add_argument("--output", type=Path, default=None,
                         help="the ONNX file to write (default: model.onnx beside the weights file)")
-    parser.add_argument("--data-dir", default="./data",
-                        help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the check")
+    parser.add_argument("--data-dir", default=None,
+                        help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the "
+                        "check; default: the run's (its config.json, or the checkpoint's meta.json), else ./data")
     parser.add_argument("--check-images", type=positive(int), default=1000, metavar="N",
                         help="check the ONNX file on the first N test images")
     return Options(**vars(parser.parse_args(argv)))
@@ -101,11 +103,23 @@ def test_images(args: Options) -> tuple[torch.Tensor, data.DataSpec]:
     a file that names none), at the size and with the normalisation it was trained with."""
     card = read_card(weights_path(args.weights)) or {}
     size = card.get("image_size")
-    options = datasets.Options(args.data_dir, image_size=size[0] if size and size[0] == size[1] else None)
+    data_dir = args.data_dir or run_data_dir(args.weights) or "./data"
+    options = datasets.Options(data_dir, image_size=size[0] if size and size[0] == size[1] else None)
     test = datasets.open_test(card.get("dataset", "mnist"), options, args.check_images,
                               tuple(card.get("mean", ())) or None, tuple(card.get("std", ())) or None)
     images, _ = test.load_all()
     return images, test.spec
+
+
+def run_data_dir(weights: Path) -> str | None:
+    """The data directory of the run the weights belong to, read as evaluate.py reads it: a
+    checkpoint's meta.json, or a run directory's config.json; None for bare weights."""
+    directory = weights if weights.is_dir() else weights.parent
+    if (directory / "meta.json").is_file():
+        return checkpoint.Meta.read(directory).config.data_dir
+    if (directory / rundir.RECORD).is_file():
+        return rundir.RunRecord.read(directory).config.data_dir
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import assert_one_line_error, describe, run
+from conftest import assert_one_line_error, describe, run, write_run_record
 from dist_resnet import data, export
+from dist_resnet.config import Config
 from dist_resnet.model import load_model
 from dist_resnet.model import ResNet
 from dist_worker import WIDTHS, fixed_model
@@ -54,3 +55,12 @@ def test_missing_weights_are_one_line_and_exit_2(tmp_path, mnist_dir):
     result = run([sys.executable, EXPORT_PY, tmp_path / "nothing.safetensors", "--data-dir", mnist_dir])
     assert_one_line_error(result, 2, "no such weights file")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_takes_the_data_directory_from_the_run(weights, mnist_dir, tmp_path, monkeypatch, capsys):
+    """As evaluate.py does: a run's config.json says where its data is (no ./data here)."""
+    monkeypatch.chdir(tmp_path)
+    write_run_record(weights.parent, Config(data_dir=str(mnist_dir), widths=WIDTHS))
+    assert export.main([str(weights.parent), "--check-images", "50"]) == 0
+    assert "onnxruntime gives PyTorch's predictions on 50 test images" in capsys.readouterr().out
+    assert weights.with_name("model.onnx").is_file()
