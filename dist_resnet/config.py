@@ -488,6 +488,34 @@ def config_file_in(argv: list[str] | None) -> str | None:
     return known.config_file
 
 
+# A run's record in its output directory (rundir.RECORD): its options and facts.
+RUN_RECORD = "config.json"
+
+
+class _Lenient(argparse.ArgumentParser):
+    """A parser that reads a few options ahead of the real one, and leaves every mistake to it."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def resumed_record_in(argv: list[str] | None) -> str | None:
+    """For --resume auto into an --output-dir that holds a run, without --config: that run's
+    record, whose options become the defaults, so that a run continues with the options it
+    was started with, without retyping them (those given again must agree: rundir.claim)."""
+    pre = _Lenient(add_help=False)
+    for name in ("--config", "--resume", "--output-dir"):
+        pre.add_argument(name)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except ValueError:
+        return None
+    if known.config or known.resume != "auto" or not known.output_dir:
+        return None
+    record = Path(known.output_dir) / RUN_RECORD
+    return str(record) if record.is_file() and not record.is_symlink() else None
+
+
 def read_options_file(path: str) -> dict:
     """The options of a YAML file, or of a run's config.json (its options, less NOT_REPEATED and
     the facts beside them): a mapping of option names to values, names with - or _."""
@@ -544,7 +572,7 @@ def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
 def options_given(argv: list[str]) -> dict:
     """The options as given, for the run record beside the resolved ones: the command line,
     and the --config file's options."""
-    path = config_file_in(argv)
+    path = config_file_in(argv) or resumed_record_in(argv)
     return {"command_line": list(argv), "config_file": path,
             "config_file_options": read_options_file(path) if path else None}
 
@@ -553,12 +581,13 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
                  datasets: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
     parser = build_parser(schedules, trackers, datasets)
-    path = config_file_in(argv)
-    if path:
+    path, recorded = config_file_in(argv), resumed_record_in(argv)
+    if path or recorded:
         try:
-            parser.set_defaults(**file_options(parser, path))
+            parser.set_defaults(**file_options(parser, path or recorded))
         except (ValueError, MissingPackage) as err:
-            parser.error(f"--config {path}: {err}")
+            parser.error(f"--config {path}: {err}" if path else
+                         f"--resume auto: cannot continue with the options of {recorded} ({err})")
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),

@@ -147,3 +147,14 @@ def parse_error(argv: list[str], capsys) -> str:
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err  # the error alone, not argparse's usage
     assert err.startswith("dist_resnet/train.py: error: "), err
     return err
+
+
+def write_run_record(directory: Path, config) -> None:
+    """The run record (config.json) a run of config writes at its start, with made-up facts."""
+    from dist_resnet import rundir
+
+    facts = rundir.Facts(world_size=1, per_process_batch=config.batch_size, sync_bn_active=False, device="cpu",
+                         resolved_mixed_precision="no", num_parameters=1, train_size=1, test_size=1,
+                         steps_per_epoch=1, started="2026-12-02T00:00:00+0000", provenance={}, intra_op_threads=1)
+    directory.mkdir(exist_ok=True)
+    rundir.RunRecord("0123456789ab", config, facts).write(directory)

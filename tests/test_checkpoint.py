@@ -4,6 +4,7 @@ to real training processes, kills during real saves, a real rank death."""
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -161,7 +162,7 @@ def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, t
 
 def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, mnist_dir, tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it): a checkpoint and exit 0,
-    then the resumed run ends exactly as the uninterrupted one. Ctrl-C twice, a few seconds
+    then the command it prints (no options retyped) ends exactly as the uninterrupted run. Ctrl-C twice, a few seconds
     apart: exit 130 at once, no traceback, the last complete checkpoint kept."""
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
@@ -171,7 +172,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
     assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
     log = (tmp_path / "first.log").read_text()
     assert "stopped by SIGINT at step" in log and "Traceback" not in log
-    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    # The command it prints, as printed: the run's options come from its record.
+    program, *printed = shlex.split(log.split("Continue with: ")[1].splitlines()[0])
+    assert program == "python" and printed == [str(TRAIN_PY), "--resume", "auto", "--output-dir", str(out)]
+    result = run([sys.executable, *printed], env=ONE_THREAD)
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[1])
 
