@@ -2,6 +2,7 @@
 to real training processes, kills during real saves, a real rank death."""
 
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -113,6 +114,14 @@ def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist
     assert len(run_files) == 2 and {f.name for f in run_files} == {f"run-{run_id}.wandb"}  # ...one run
     resumed_steps = [row["_step"] for row in wandb_records.history(run_files[-1]) if "train/train_loss" in row]
     assert resumed_steps[0] == stopped_step + 1  # the resumed run continues where it stopped
+    # One `wandb sync` command, printed by each piece, covers every piece: together they hold
+    # every step once.
+    for printed in (log, result.stdout):
+        command = shlex.split(printed.split("upload the run later with: ")[1].splitlines()[0])
+        assert command[:2] == ["wandb", "sync"] and len(command) == 3
+        assert sorted(Path(p) for p in glob.glob(command[2])) == [f.parent for f in run_files]
+    steps = [row["_step"] for f in run_files for row in wandb_records.history(f) if "train/train_loss" in row]
+    assert sorted(steps) == list(range(1, TOTAL_STEPS + 1))
 
 
 def saving_now(out):
