@@ -10,6 +10,7 @@ family, [N, 3, 32, 32] for CIFAR-10, an ImageFolder's channels and size) and ret
 """
 
 import io
+import pickle
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from dist_resnet import checkpoint, cli, data, datasets, files, rundir
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
-from dist_resnet.model import load_model, read_card, weights_path
+from dist_resnet.model import WeightsError, from_notebook_names, load_model, read_card, to_notebook_names, weights_path
 
 PROG = "dist_resnet/export.py"
 OPSET = 17
@@ -35,6 +36,8 @@ class Options:
     output: Path | None
     data_dir: str | None
     check_images: int
+    to_notebook: bool = False
+    from_notebook: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -49,7 +52,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         "check; default: the run's (its config.json, or the checkpoint's meta.json), else ./data")
     parser.add_argument("--check-images", type=positive(int), default=1000, metavar="N",
                         help="check the ONNX file on the first N test images")
-    return Options(**vars(parser.parse_args(argv)))
+    parser.add_argument("--to-notebook", action="store_true",
+                        help="instead of ONNX, write the weights as a PyTorch state dict with the original "
+                        "notebook's parameter names (model-notebook.pth beside them, or --output), for its "
+                        "model.load_state_dict(torch.load(FILE))")
+    parser.add_argument("--from-notebook", action="store_true",
+                        help="instead of ONNX: WEIGHTS is a state dict saved by the original notebook's model "
+                        "(torch.save(model.state_dict(), FILE)); write it as model.safetensors beside it (or "
+                        "--output), which evaluate, predict and export read")
+    args = parser.parse_args(argv)
+    if args.to_notebook and args.from_notebook:
+        parser.error("--to-notebook and --from-notebook go opposite ways: choose one")
+    return Options(**vars(args))
 
 
 class Pixels(torch.nn.Module):
@@ -122,8 +136,53 @@ def run_data_dir(weights: Path) -> str | None:
     return None
 
 
+def notebook_state(path: Path) -> dict:
+    """The state dict a notebook saved (torch.save), with ResNet's names. Read with
+    weights_only: tensors and containers only, no pickled code runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise WeightsError(f"{path}: not a PyTorch state dict ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return from_notebook_names(state)
+
+
+def convert_notebook(args: Options) -> int:
+    """--to-notebook, --from-notebook: the same weights under the other model's names."""
+    if args.from_notebook:
+        output = args.output or args.weights.with_name("model.safetensors")
+        if output.exists():
+            return cli.fail(PROG, f"{output} exists already: give another --output", code=ExitCode.BAD_INPUT)
+        content = checkpoint.tensor_bytes(notebook_state(args.weights))
+    else:
+        model = load_model(args.weights, WIDTHS.accepts)
+        output = args.output or weights_path(args.weights).with_name("model-notebook.pth")
+        buffer = io.BytesIO()
+        torch.save(to_notebook_names(model.state_dict()), buffer)
+        content = buffer.getvalue()
+    try:
+        files.write_atomic(output, content)
+    except OSError as err:
+        return cli.fail(PROG, f"cannot write {output} ({err.strerror or err})", code=ExitCode.CANNOT_WRITE)
+    if args.from_notebook:
+        try:  # the checks every weights file passes: names, shapes, finite values
+            load_model(output, WIDTHS.accepts)
+        except WeightsError:
+            output.unlink()
+            raise
+    print(f"wrote {output}: " + ("the notebook's weights, as a dist_resnet model" if args.from_notebook else
+                                 "the weights with the notebook's names, for its model.load_state_dict"))
+    return ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.to_notebook or args.from_notebook:
+        try:
+            return convert_notebook(args)
+        except cli.USER_ERROR_TYPES as err:
+            return cli.fail(PROG, err)
     try:
         model = load_model(args.weights, WIDTHS.accepts).eval()
         images, spec = test_images(args)
