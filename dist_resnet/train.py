@@ -227,8 +227,12 @@ class Run:
         self.say(f"{world_size} process(es) on {self.accelerator.device.type}, global batch {config.batch_size} "
                  f"= {world_size} x {per_process} per process, mixed precision "
                  f"{self.accelerator.mixed_precision}, {len(self.recipe.train)} training images, "
-                 f"{config.epochs} epoch(s){self._threads()}; outputs in {self.output_dir}")
-        self._cpu_notice()
+                 f"{config.epochs} epoch(s){threads_note(torch.get_num_threads(), available_cores(), local_processes())}"
+                 f"; outputs in {self.output_dir}")
+        notice = cpu_notice(config, self.accelerator.device.type,
+                            (self.recipe.total_steps - self.step) * config.batch_size)
+        if notice:
+            self.say(notice)
         if world_size > 1 and not self.recipe.sync_bn:
             reason = ("PyTorch has no SyncBatchNorm on CPU" if self.accelerator.device.type != "cuda"
                       else "--no-sync-bn")
@@ -236,28 +240,6 @@ class Run:
         if meta:
             self.say(f"resuming from {checkpoint.checkpoint_dir(self.output_dir) / f'step-{meta.step:08d}'}"
                      if config.resume == "auto" else f"resuming from {config.resume}")
-
-    def _threads(self) -> str:
-        """Where torch's intra-op threads per process (OMP_NUM_THREADS, else one per core) are
-        not this process's share of the cores it may use: how many, of how many."""
-        threads, local = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if threads == max(1, cores // local):
-            return ""
-        return (f", {threads} intra-op thread(s) per process of {cores} core(s) available"
-                + (f" to {local} processes" if local > 1 else ""))
-
-    def _cpu_notice(self) -> None:
-        """The reference recipe on a CPU takes hours: say so, and what to run instead."""
-        config = self.config
-        if (self.accelerator.device.type != "cpu" or config.debug or config.recipe != "reference"
-                or config.widths != Config().widths):
-            return
-        hours = (self.recipe.total_steps - self.step) * config.batch_size / CPU_IMAGES_PER_S / 3600
-        if hours >= 1:
-            self.say(f"note: this is the reference recipe, meant for GPUs, on the CPU: about {hours:.0f} h "
-                     f"at about {CPU_IMAGES_PER_S} images/s (docs/launching.md); it runs on, but for a "
-                     f"run of seconds try: {DEBUG_COMMAND}")
 
     # ---- the loop's parts -----------------------------------------------------------------
 
@@ -483,6 +465,39 @@ class Run:
                 data.remove_empty(self.new_dirs)
         except OSError:  # not removable: it stays, as it would have without this
             pass
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or a Slurm job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def threads_note(threads: int, cores: int, local: int) -> str:
+    """For the start line, where torch's intra-op threads per process (OMP_NUM_THREADS, else
+    one per core) are not the process's share of the cores it may use: how many, of how many."""
+    if threads == max(1, cores // local):
+        return ""
+    return (f", {threads} intra-op thread(s) per process of {cores} core(s) available"
+            + (f" to {local} processes" if local > 1 else ""))
+
+
+def cpu_notice(config: Config, device_type: str, images_left: int) -> str | None:
+    """The reference recipe on a CPU takes hours: a line that says so, with the estimate at
+    CPU_IMAGES_PER_S and what to run instead; None for any other run, or one of minutes."""
+    if (device_type != "cpu" or config.debug or config.recipe != "reference"
+            or config.widths != Config().widths):
+        return None
+    minutes = images_left / CPU_IMAGES_PER_S / 60
+    if minutes < 10:
+        return None
+    estimate = f"{minutes / 60:.0f} h" if minutes >= 90 else f"{minutes:.0f} min"
+    return (f"note: this is the reference recipe, meant for GPUs, on the CPU: about {estimate} at about "
+            f"{CPU_IMAGES_PER_S} images/s (docs/launching.md); it runs on, but for a run of seconds try: "
+            f"{DEBUG_COMMAND}")
 
 
 def continue_command(output_dir: Path) -> str:

@@ -166,3 +166,28 @@ def test_a_damaged_record_to_resume_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "config.json").write_text('{"format": 1, "run_id": "x", "epochs": "many"}')
     err = parse_error(["--resume", "auto", "--output-dir", str(tmp_path)], capsys)
     assert f"--resume auto: cannot continue with the options of {tmp_path / 'config.json'}" in err
+
+
+def test_the_reference_recipe_on_a_cpu_says_so_and_what_to_run_instead(monkeypatch):
+    from dist_resnet.train import CPU_IMAGES_PER_S, DEBUG_COMMAND, cpu_notice
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    reference = parse_config([])
+    images = reference.epochs * 60_000  # the whole run on MNIST
+    notice = cpu_notice(reference, "cpu", images)
+    assert f"about {images / CPU_IMAGES_PER_S / 3600:.0f} h" in notice and notice.endswith(DEBUG_COMMAND)
+    assert len(notice.splitlines()) == 1
+    assert cpu_notice(reference, "cpu", 250_000).count(" min at about ") == 1  # a smaller data set
+    assert cpu_notice(reference, "cuda", images) is None
+    for other in (["--debug"], ["--recipe", "fast", "--no-compile"], ["--widths", "8,16,32"]):
+        assert cpu_notice(parse_config(other), "cpu", images) is None, other
+    assert cpu_notice(reference, "cpu", 1000) is None  # minutes at most: nothing to warn of
+    assert DEBUG_COMMAND.split()[2:] == ["--debug"] and parse_config(DEBUG_COMMAND.split()[2:]).debug
+
+
+def test_the_start_line_names_the_threads_only_where_they_are_not_the_share_of_cores():
+    from dist_resnet.train import threads_note
+
+    assert threads_note(2, 2, 1) == "" and threads_note(1, 2, 2) == "" and threads_note(1, 1, 1) == ""
+    assert threads_note(1, 2, 1) == ", 1 intra-op thread(s) per process of 2 core(s) available"
+    assert threads_note(4, 4, 2) == ", 4 intra-op thread(s) per process of 4 core(s) available to 2 processes"
