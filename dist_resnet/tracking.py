@@ -111,8 +111,9 @@ class WandbTracker:
                 self.run = self._init(mode, kwargs)
             except Exception as err2:
                 raise TrackerError(f"W&B could not start ({_one_line(err2)})") from None
-        if mode == "offline":
-            say(f"W&B is offline; upload the run later with: {offline_sync_command(self.run.dir, run_id)}")
+        self.say, self.sync = say, offline_sync_command(self.run.dir, run_id) if mode == "offline" else None
+        if self.sync:
+            say(f"W&B is offline; upload the run later with: {self.sync}")
 
     def _init(self, mode: str, kwargs: dict):
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
@@ -142,6 +143,8 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+        if self.sync:  # after W&B's own last words, which name this piece of the run alone
+            self.say(f"W&B is offline; upload every piece of the run with: {self.sync}")
 
 
 class TensorBoardTracker:

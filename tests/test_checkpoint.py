@@ -116,8 +116,9 @@ def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist
     assert resumed_steps[0] == stopped_step + 1  # the resumed run continues where it stopped
     # One `wandb sync` command, printed by each piece, covers every piece: together they hold
     # every step once.
-    for printed in (log, result.stdout):
-        command = shlex.split(printed.split("upload the run later with: ")[1].splitlines()[0])
+    for printed, said in [(text, f"{when}: ") for text in (log, result.stdout)
+                          for when in ("upload the run later with", "upload every piece of the run with")]:
+        command = shlex.split(printed.split(said)[1].splitlines()[0])
         assert command[:2] == ["wandb", "sync"] and len(command) == 3
         assert sorted(Path(p) for p in glob.glob(command[2])) == [f.parent for f in run_files]
     steps = [row["_step"] for f in run_files for row in wandb_records.history(f) if "train/train_loss" in row]
