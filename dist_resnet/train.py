@@ -495,9 +495,11 @@ def cpu_notice(config: Config, device_type: str, images_left: int) -> str | None
     if minutes < 10:
         return None
     estimate = f"{minutes / 60:.0f} h" if minutes >= 90 else f"{minutes:.0f} min"
+    data = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(getattr(config, name)))}"
+                   for name in ("dataset", "data_dir") if getattr(config, name) != getattr(Config(), name))
     return (f"note: this is the reference recipe, meant for GPUs, on the CPU: about {estimate} at about "
             f"{CPU_IMAGES_PER_S} images/s (docs/launching.md); it runs on, but for a run of seconds try: "
-            f"{DEBUG_COMMAND}")
+            f"{DEBUG_COMMAND}{data}")
 
 
 def continue_command(output_dir: Path) -> str:

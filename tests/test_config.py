@@ -182,6 +182,8 @@ def test_the_reference_recipe_on_a_cpu_says_so_and_what_to_run_instead(monkeypat
     for other in (["--debug"], ["--recipe", "fast", "--no-compile"], ["--widths", "8,16,32"]):
         assert cpu_notice(parse_config(other), "cpu", images) is None, other
     assert cpu_notice(reference, "cpu", 1000) is None  # minutes at most: nothing to warn of
+    elsewhere = parse_config(["--data-dir", "/data/my mnist"])
+    assert cpu_notice(elsewhere, "cpu", images).endswith(f"{DEBUG_COMMAND} --data-dir '/data/my mnist'")
     assert DEBUG_COMMAND.split()[2:] == ["--debug"] and parse_config(DEBUG_COMMAND.split()[2:]).debug
 
 
