@@ -121,7 +121,9 @@ def remove_empty(directories: list[Path]) -> None:
     for directory in directories:
         try:
             directory.rmdir()
-        except OSError:  # not empty (another process's files are in it now), or gone
+        except FileNotFoundError:  # never made, or gone already
+            continue
+        except OSError:  # not empty: another process's files are in it now
             return
 
 

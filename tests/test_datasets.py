@@ -274,3 +274,13 @@ def test_crop_flip_moves_and_mirrors_within_the_padding():
         # Some placement of the (possibly mirrored) image, padded with zeros, gives the crop.
         padded = [torch.nn.functional.pad(candidate, (2, 2, 2, 2)) for candidate in (original, original.flip(-1))]
         assert any(torch.equal(p[:, dy:dy + 8, dx:dx + 8], moved) for p in padded for dy in range(5) for dx in range(5))
+
+
+def test_a_failed_cifar_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    # A mirror that refuses every connection, whatever network this machine has.
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match="could not download CIFAR-10"):
+        datasets.DATASETS["cifar10"].fetch(datasets.Options(str(tmp_path / "new" / "data"), download=True))
+    assert not list(tmp_path.iterdir())
