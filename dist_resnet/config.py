@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 class ExitCode(IntEnum):
-    """What every command returns (README, "Exit codes")."""
+    """What every command returns (docs/troubleshooting.md, "Exit codes")."""
 
     OK = 0
     FAILED = 1  # an unexpected error, with its traceback; bench: a configuration failed
@@ -37,7 +37,7 @@ class ExitCode(IntEnum):
 
 
 # What --debug and --recipe fast change, unless the same option is given explicitly. The debug
-# run is seconds on a CPU and still learns (README, "What to expect"): a narrow model, small
+# run is seconds on a CPU and still learns (README.md, "What to expect"): a narrow model, small
 # batches, a one-cycle schedule and recalibrated BatchNorm statistics.
 DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 16384, "batch_size": 64,
                    "schedule": "onecycle", "lr": 1e-2, "bn_recalibrate": 8}
@@ -163,8 +163,9 @@ def from_values(cls, values: dict, source: str):
     return cls(**{name: _typed(values[name], hints[name], f"{source}: {name}") for name in names})
 
 
-# Options that decide what is trained: a resumed run must use the same values (README,
-# "Checkpoints and resume"). Every other option may change between the pieces of a run.
+# Options that decide what is trained: a resumed run must use the same values (docs/
+# checkpoints-and-resume.md, "What resume checks", which lists them; tests/test_docs.py checks
+# the list). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn",
                         "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
@@ -351,9 +352,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST (or another data set) with "
                "Accelerate (DDP, SyncBatchNorm, DistributedSampler, Adam).")
     p.add_argument("--dataset", choices=list(datasets), default=defaults.dataset,
-                   help="what to train on (README, \"Data sets\")")
+                   help="what to train on (docs/datasets.md)")
     p.add_argument("--data-dir", type=PATH, default=defaults.data_dir,
-                   help="where the data set's files are (README, \"Data sets\"): MNIST in DATA_DIR/MNIST/raw/")
+                   help="where the data set's files are (docs/datasets.md): MNIST in DATA_DIR/MNIST/raw/")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data set files")
     p.add_argument("--train-limit", type=KINDS["train_limit"], default=None,

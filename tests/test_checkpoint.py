@@ -207,7 +207,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
 def test_ctrl_c_under_torchrun_checkpoints_every_rank(reference_runs, mnist_dir, tmp_path):
     """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it once
     more): the workers agree on a step, checkpoint and exit, then the run resumes exactly.
-    torchrun itself exits 1 with its own report (README, "Exit codes")."""
+    torchrun itself exits 1 with its own report (docs/troubleshooting.md, "Exit codes")."""
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
     process = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,

@@ -52,7 +52,7 @@ def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, 
 @pytest.mark.parametrize("case", ["bad option", "no data"])
 def test_bad_input_under_a_two_process_launch_is_said_once(launcher, case, tmp_path):
     """Every process sees the same bad input; rank 0 alone says it, in one line. The launcher
-    then reports its failed processes in its own words and exits 1 (README, "Exit codes")."""
+    then reports its failed processes in its own words and exits 1 (docs/troubleshooting.md, "Exit codes")."""
     args = {"bad option": ["--lr", "-1"],
             "no data": ["--data-dir", tmp_path / "empty", "--no-download", "--report-to", "none",
                         "--output-dir", tmp_path / "out"]}[case]
