@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 class ExitCode(IntEnum):
-    """What every command returns (README, "Exit codes")."""
+    """What every command returns (docs/troubleshooting.md, "Exit codes")."""
 
     OK = 0
     FAILED = 1  # an unexpected error, with its traceback; bench: a configuration failed
@@ -38,7 +38,7 @@ class ExitCode(IntEnum):
 
 
 # What --debug and --recipe fast change, unless the same option is given explicitly. The debug
-# run is seconds on a CPU and still learns (README, "What to expect"): a narrow model, small
+# run is seconds on a CPU and still learns (README.md, "What to expect"): a narrow model, small
 # batches, a one-cycle schedule and recalibrated BatchNorm statistics.
 DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 16384, "batch_size": 64,
                    "schedule": "onecycle", "lr": 1e-2, "bn_recalibrate": 8}
@@ -163,6 +163,9 @@ class Facts:
     steps_per_epoch: int
     started: str  # when the run began (its first piece, for a resumed run)
     provenance: dict  # provenance.describe() of the machine and software running it now
+    # torch's intra-op threads per process (OMP_NUM_THREADS, else one per core): they decide
+    # the speed on a CPU, and whether a rerun there is bitwise equal. None in older records.
+    intra_op_threads: int | None = None
 
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
@@ -186,8 +189,9 @@ def from_values(cls, values: dict, source: str):
     return cls(**{name: _typed(values[name], hints[name], f"{source}: {name}") for name in names})
 
 
-# Options that decide what is trained: a resumed run must use the same values (README,
-# "Checkpoints and resume"). Every other option may change between the pieces of a run.
+# Options that decide what is trained: a resumed run must use the same values (docs/
+# checkpoints-and-resume.md, "What resume checks", which lists them; tests/test_docs.py checks
+# the list). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn",
                         "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
@@ -332,6 +336,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, once: not where the help says it in its own words,
+    nor "(default: None)" for an option whose absence means "the run's" or "none"."""
+
+    def _get_help_string(self, action):
+        if action.default is None or re.search(r"\bdefault\b", action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, speaking once per job and in one line: under a launcher every process parses
     the same command line, and only rank 0 prints help or the error (all exit alike, code 2
@@ -339,7 +353,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, prog: str, description: str, **kwargs):
         super().__init__(prog=prog, description=description,
-                         formatter_class=kwargs.pop("formatter_class", argparse.ArgumentDefaultsHelpFormatter),
+                         formatter_class=kwargs.pop("formatter_class", DefaultsHelp),
                          **kwargs)
 
     def _print_message(self, message, file=None):
@@ -364,9 +378,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     p = Parser("dist_resnet/train.py", "Train the reference ResNet on MNIST (or another data set) with "
                "Accelerate (DDP, SyncBatchNorm, DistributedSampler, Adam).")
     p.add_argument("--dataset", choices=list(datasets), default=defaults.dataset,
-                   help="what to train on (README, \"Data sets\")")
+                   help="what to train on (docs/datasets.md)")
     p.add_argument("--data-dir", type=PATH, default=defaults.data_dir,
-                   help="where the data set's files are (README, \"Data sets\"): MNIST in DATA_DIR/MNIST/raw/")
+                   help="where the data set's files are (docs/datasets.md): MNIST in DATA_DIR/MNIST/raw/")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data set files")
     p.add_argument("--train-limit", type=KINDS["train_limit"], default=None,
@@ -504,6 +518,34 @@ def config_file_in(argv: list[str] | None) -> str | None:
     return known.config_file
 
 
+# A run's record in its output directory (rundir.RECORD): its options and facts.
+RUN_RECORD = "config.json"
+
+
+class _Lenient(argparse.ArgumentParser):
+    """A parser that reads a few options ahead of the real one, and leaves every mistake to it."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def resumed_record_in(argv: list[str] | None) -> str | None:
+    """For --resume auto into an --output-dir that holds a run, without --config: that run's
+    record, whose options become the defaults, so that a run continues with the options it
+    was started with, without retyping them (those given again must agree: rundir.claim)."""
+    pre = _Lenient(add_help=False)
+    for name in ("--config", "--resume", "--output-dir"):
+        pre.add_argument(name)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except ValueError:
+        return None
+    if known.config or known.resume != "auto" or not known.output_dir:
+        return None
+    record = Path(known.output_dir) / RUN_RECORD
+    return str(record) if record.is_file() and not record.is_symlink() else None
+
+
 def read_options_file(path: str) -> dict:
     """The options of a YAML file, or of a run's config.json (its options, less NOT_REPEATED and
     the facts beside them): a mapping of option names to values, names with - or _."""
@@ -628,7 +670,7 @@ def file_options(parser: argparse.ArgumentParser, path: str) -> dict:
 def options_given(argv: list[str]) -> dict:
     """The options as given, for the run record beside the resolved ones: the command line,
     and the --config file's options."""
-    path = config_file_in(argv)
+    path = config_file_in(argv) or resumed_record_in(argv)
     return {"command_line": list(argv), "config_file": path,
             "config_file_options": read_options_file(path) if path else None}
 
@@ -637,12 +679,13 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
                  datasets: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
     parser = build_parser(schedules, trackers, datasets)
-    path = config_file_in(argv)
-    if path:
+    path, recorded = config_file_in(argv), resumed_record_in(argv)
+    if path or recorded:
         try:
-            parser.set_defaults(**file_options(parser, path))
+            parser.set_defaults(**file_options(parser, path or recorded))
         except (ValueError, MissingPackage) as err:
-            parser.error(f"--config {path}: {err}")
+            parser.error(f"--config {path}: {err}" if path else
+                         f"--resume auto: cannot continue with the options of {recorded} ({err})")
     args = vars(parser.parse_args(argv))
     defaults = Config()
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),

@@ -86,7 +86,7 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
     """torchvision's download of an MNIST-family data set (mirrors, checksums) into a private
     temporary directory beside the data, then each file renamed into place: processes that download at once, on
     one node or on several sharing the directory, never see a half-written file."""
-    staging = None
+    staging, created = None, new_directories(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
@@ -96,6 +96,9 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
         for file in all_files():
             os.replace(raw_dir(staging, name) / file, root / file)
     except Exception as err:  # torchvision raises several kinds; the message is what helps
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_empty(created)  # a failed download leaves no empty MNIST/raw behind
         raise DataError(
             f"could not download {IDX_DATASETS[name]} into {root} ({' '.join(str(err).split())}). "
             f"Copy the four files {', '.join(all_files())} there by hand (as *-ubyte, or *-ubyte.gz)."
@@ -103,6 +106,26 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def new_directories(path: Path) -> list[Path]:
+    """The directories that making `path` with its parents would create, deepest first."""
+    path, new = Path(os.path.abspath(path)), []
+    while not os.path.lexists(path):
+        new.append(path)
+        path = path.parent
+    return new
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove each of directories (new_directories: deepest first) while it is empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:  # never made, or gone already
+            continue
+        except OSError:  # not empty: another process's files are in it now
+            return
 
 
 def ensure_mnist(data_dir: str | Path, download: bool, name: str = "mnist") -> Path:

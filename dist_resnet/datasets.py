@@ -134,9 +134,11 @@ def _fetch_cifar(options: Options) -> None:
     if missing and options.download:
         from torchvision.datasets import CIFAR10
 
+        created = data.new_directories(root)
         try:
             CIFAR10(options.data_dir, train=True, download=True)
         except Exception as err:  # torchvision raises several kinds; the message is what helps
+            data.remove_empty(created)
             raise DataError(f"could not download CIFAR-10 into {root} ({' '.join(str(err).split())})") from None
         missing = [f for files in CIFAR_FILES.values() for f in files if not (root / f).is_file()]
     if missing:

@@ -2,14 +2,16 @@
 and check the file: onnxruntime runs it on test images of the data set it was trained on, and
 its predictions must be PyTorch's and its logits within LOGIT_TOLERANCE of them.
 
-    python -m dist_resnet.export runs/NAME [--output model.onnx] [--data-dir ./data]
+    python -m dist_resnet.export runs/NAME [--output model.onnx] [--data-dir DIR]
 
-The ONNX graph takes uint8 pixels [N, C, H, W] (0-255, any N; for MNIST [N, 1, 28, 28], what
-its files hold) and returns the logits [N, classes]: the normalisation is inside the graph.
+The ONNX graph takes uint8 pixels [N, C, H, W] (0-255, any N; [N, 1, 28, 28] for the MNIST
+family, [N, 3, 32, 32] for CIFAR-10, an ImageFolder's channels and size) and returns the logits
+[N, classes]: the normalisation is inside the graph.
 """
 
 import io
 import os
+import pickle
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import checkpoint, cli, data, datasets, files
+from dist_resnet import checkpoint, cli, data, datasets, files, rundir
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
-from dist_resnet.model import load_model, weights_path
+from dist_resnet.model import WeightsError, from_notebook_names, load_model, to_notebook_names, weights_path
 
 PROG = "dist_resnet/export.py"
 OPSET = 17
@@ -33,8 +35,10 @@ LOGIT_TOLERANCE = 1e-4
 class Options:
     weights: Path
     output: Path | None
-    data_dir: str
+    data_dir: str | None
     check_images: int
+    to_notebook: bool = False
+    from_notebook: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -45,11 +49,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--output", type=Path, default=None,
                         help="the ONNX file to write; it may replace only an ONNX file (default: model.onnx beside the "
                         "weights file; for a checkpoint, model-step-N.onnx in its run's directory)")
-    parser.add_argument("--data-dir", default="./data",
-                        help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the check")
+    parser.add_argument("--data-dir", default=None,
+                        help="the data set the weights were trained on (MNIST: DATA_DIR/MNIST/raw/), for the "
+                        "check; default: the run's (its config.json, or the checkpoint's meta.json), else ./data")
     parser.add_argument("--check-images", type=positive(int), default=1000, metavar="N",
                         help="check the ONNX file on the first N test images")
-    return Options(**vars(parser.parse_args(argv)))
+    parser.add_argument("--to-notebook", action="store_true",
+                        help="instead of ONNX, write the weights as a PyTorch state dict with the original "
+                        "notebook's parameter names (model-notebook.pth beside them, or --output), for its "
+                        "model.load_state_dict(torch.load(FILE))")
+    parser.add_argument("--from-notebook", action="store_true",
+                        help="instead of ONNX: WEIGHTS is a state dict saved by the original notebook's model "
+                        "(torch.save(model.state_dict(), FILE)); write it as model.safetensors beside it (or "
+                        "--output), which evaluate, predict and export read")
+    args = parser.parse_args(argv)
+    if args.to_notebook and args.from_notebook:
+        parser.error("--to-notebook and --from-notebook go opposite ways: choose one")
+    return Options(**vars(args))
 
 
 class Pixels(torch.nn.Module):
@@ -103,7 +119,8 @@ def test_images(args: Options, model: torch.nn.Module) -> tuple[torch.Tensor, da
     a file that names none), at the size and with the normalisation it was trained with."""
     card = datasets.card_spec(weights_path(args.weights), model)
     size = card.size if card else None
-    options = datasets.Options(args.data_dir, image_size=size[0] if size and size[0] == size[1] else None)
+    data_dir = args.data_dir or run_data_dir(args.weights) or "./data"
+    options = datasets.Options(data_dir, image_size=size[0] if size and size[0] == size[1] else None)
     test = datasets.open_test(card.name if card else "mnist", options, args.check_images,
                               card.mean if card else None, card.std if card else None)
     images, _ = test.load_all()
@@ -129,9 +146,65 @@ def output_path(weights: Path, output: Path | None) -> Path:
     return output
 
 
+def run_data_dir(weights: Path) -> str | None:
+    """The data directory of the run the weights belong to, read as evaluate.py reads it: a
+    checkpoint's meta.json, or a run directory's config.json; None for bare weights."""
+    directory = weights if weights.is_dir() else weights.parent
+    if (directory / "meta.json").is_file():
+        return checkpoint.Meta.read(directory).config.data_dir
+    if (directory / rundir.RECORD).is_file():
+        return rundir.RunRecord.read(directory).config.data_dir
+    return None
+
+
+def notebook_state(path: Path) -> dict:
+    """The state dict a notebook saved (torch.save), with ResNet's names. Read with
+    weights_only: tensors and containers only, no pickled code runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise WeightsError(f"{path}: not a PyTorch state dict ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return from_notebook_names(state)
+
+
+def convert_notebook(args: Options) -> int:
+    """--to-notebook, --from-notebook: the same weights under the other model's names."""
+    if args.from_notebook:
+        output = args.output or args.weights.with_name("model.safetensors")
+        if output.exists():
+            return cli.fail(PROG, f"{output} exists already: give another --output", code=ExitCode.BAD_INPUT)
+        content = checkpoint.tensor_bytes(notebook_state(args.weights))
+    else:
+        model = load_model(args.weights, WIDTHS.accepts)
+        output = args.output or weights_path(args.weights).with_name("model-notebook.pth")
+        buffer = io.BytesIO()
+        torch.save(to_notebook_names(model.state_dict()), buffer)
+        content = buffer.getvalue()
+    try:
+        files.write_atomic(output, content)
+    except OSError as err:
+        return cli.fail(PROG, f"cannot write {output} ({err.strerror or err})", code=ExitCode.CANNOT_WRITE)
+    if args.from_notebook:
+        try:  # the checks every weights file passes: names, shapes, finite values
+            load_model(output, WIDTHS.accepts)
+        except WeightsError:
+            output.unlink()
+            raise
+    print(f"wrote {output}: " + ("the notebook's weights, as a dist_resnet model" if args.from_notebook else
+                                 "the weights with the notebook's names, for its model.load_state_dict"))
+    return ExitCode.OK
+
+
 @cli.interruptible(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.to_notebook or args.from_notebook:
+        try:
+            return convert_notebook(args)
+        except cli.USER_ERROR_TYPES as err:
+            return cli.fail(PROG, err)
     try:
         output = output_path(weights_path(args.weights), args.output)
     except ValueError as err:  # before any work: refused in a second, not after the check

@@ -3,6 +3,7 @@ and classes; and its weights file, which also says what the model was trained on
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -114,6 +115,40 @@ def widths_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         widths.append(shapes[f"blocks.{i}.conv1.weight"][0])
         i += 1
     return tuple(widths)
+
+
+# The original notebook's names for the same parameters: its ResNet computes exactly what this
+# one does, but names block N layerN+1 (one-based) and its parts as below; fc is fc. The one
+# table both ways go through (tests/notebook_model.py holds the notebook's classes).
+NOTEBOOK_PARTS = {"conv1": "conv_1", "bn1": "bn_1", "conv2": "conv_2", "bn2": "bn_2", "shortcut": "downsample"}
+_OURS = re.compile(r"blocks\.(\d+)\.(\w+?)\.(.+)")
+_NOTEBOOKS = re.compile(r"layer(\d+)\.(\w+?)\.(.+)")
+
+
+def to_notebook_names(state: dict) -> dict:
+    """A state dict of ResNet with the notebook's names, for its model.load_state_dict."""
+    def rename(name: str) -> str:
+        match = _OURS.fullmatch(name)
+        if match and match[2] in NOTEBOOK_PARTS:
+            return f"layer{int(match[1]) + 1}.{NOTEBOOK_PARTS[match[2]]}.{match[3]}"
+        if name.startswith("fc."):
+            return name
+        raise WeightsError(f"{name}: not a parameter of a dist_resnet ResNet")
+    return {rename(name): tensor for name, tensor in state.items()}
+
+
+def from_notebook_names(state: dict) -> dict:
+    """A state dict saved by the notebook's model, with ResNet's names."""
+    ours = {theirs: mine for mine, theirs in NOTEBOOK_PARTS.items()}
+
+    def rename(name: str) -> str:
+        match = _NOTEBOOKS.fullmatch(name)
+        if match and match[2] in ours and int(match[1]) >= 1:
+            return f"blocks.{int(match[1]) - 1}.{ours[match[2]]}.{match[3]}"
+        if name.startswith("fc."):
+            return name
+        raise WeightsError(f"{name}: not a parameter of the notebook's ResNet")
+    return {rename(name): tensor for name, tensor in state.items()}
 
 
 # The safetensors metadata key under which a weights file describes its model and data set

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import files, profiling
-from dist_resnet.config import MIXED_PRECISION, RECORD_FORMAT, Config, Facts, from_values, resume_mismatches
+from dist_resnet.config import MIXED_PRECISION, RECORD_FORMAT, RUN_RECORD, Config, Facts, from_values, resume_mismatches
 
 FORMAT = RECORD_FORMAT  # of config.json; another value is refused
-RECORD = "config.json"
+RECORD = RUN_RECORD
 # Every name a run writes into its output directory (tests/test_rundir.py keeps this true):
 # what marks a directory as a run's, and what --overwrite deletes.
 EMA_WEIGHTS = "model-ema.safetensors"  # --ema: the weight average, beside the raw model.safetensors
@@ -80,7 +80,8 @@ class RunRecord:
             if not isinstance(values.get("run_id"), str):
                 raise ValueError("no run_id")
             config = Config.from_dict({k: values[k] for k in option_names if k in values}, "options")
-            facts = from_values(Facts, {k: values[k] for k in fact_names if k in values}, "facts")
+            facts = from_values(Facts, {"intra_op_threads": None,
+                                        **{k: values[k] for k in fact_names if k in values}}, "facts")
             wrong = [name for name, ok in (
                 ("world_size", facts.world_size >= 1), ("per_process_batch", facts.per_process_batch >= 1),
                 ("steps_per_epoch", facts.steps_per_epoch >= 1), ("train_size", facts.train_size >= 1),
@@ -167,8 +168,9 @@ def claim(config: Config, lock: files.DirectoryLock, checkpoint_run_id: str | No
     mismatches = resume_mismatches(record.config, config)
     if mismatches:
         raise RunDirError(f"--output-dir {directory} holds a run with other options: "
-                          f"{'; '.join(mismatches)}. Continue it with the same options, or choose "
-                          "another --output-dir")
+                          f"{'; '.join(mismatches)}. `--resume auto --output-dir {directory}` alone "
+                          "continues it with its own options (those that decide what is trained may not "
+                          "change), or choose another --output-dir")
     return Claim(record.run_id, record)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -161,8 +162,13 @@ def summarise(results: list[RunResult]) -> list[dict]:
         label = ", ".join(f"{name} {_text(group[name])}" for name in varying) or "all runs"
         stats = {measure: describe(values) for measure in MEASURES
                  if (values := [getattr(r, measure) for r in members if getattr(r, measure) is not None])}
-        summary.append({"label": label, "group": group, "seeds": sorted(r.seed for r in members),
-                        "runs": [r.path for r in members], **stats})
+        seeds = [r.seed for r in members]
+        # The same seed twice is the same run twice (bitwise, on a CPU): it counts twice and
+        # understates the spread. Said, not dropped: the user chose these directories.
+        duplicates = {str(seed): [r.path for r in members if r.seed == seed]
+                      for seed in sorted(set(seeds)) if seeds.count(seed) > 1}
+        summary.append({"label": label, "group": group, "seeds": sorted(seeds),
+                        "runs": [r.path for r in members], "duplicate_seeds": duplicates, **stats})
     return summary
 
 
@@ -187,6 +193,12 @@ def markdown(summary: list[dict], results: list[RunResult]) -> str:
                          f"{stats['mean']:.{digits}f} ± " + ("n/a" if stats["std"] is None else f"{stats['std']:.{digits}f}")
                          + f" [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]")
         lines.append(f"| {entry['label']} | {entry['test_acc']['n']} | " + " | ".join(cells) + " |")
+    repeated = [(entry["label"], seed, paths) for entry in summary for seed, paths in entry["duplicate_seeds"].items()]
+    if repeated:
+        lines += ["", "The same seed more than once in a group (the same run repeated: counted each time, "
+                  "so the spread is understated):", ""]
+        lines += [f"- {label}: seed {seed}: " + ", ".join(f"`{path}`" for path in paths)
+                  for label, seed, paths in repeated]
     left_out = [r for r in results if r.status != "done"]
     if left_out:
         lines += ["", f"Left out ({len(left_out)} of {len(results)} runs):", ""]
@@ -194,14 +206,40 @@ def markdown(summary: list[dict], results: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABEL_WIDTH = 22  # characters a line of a group's label below its column
+
+
+def wrapped(label: str) -> str:
+    """A group's label over lines of about LABEL_WIDTH characters, broken between its options
+    (and within one only when it is longer than a line), so that no label runs off the plot."""
+    lines: list[str] = []
+    parts = label.split(", ")
+    for i, part in enumerate(parts):
+        pieces = textwrap.wrap(part + ("," if i < len(parts) - 1 else ""), LABEL_WIDTH) or [""]
+        if lines and len(lines[-1]) + 1 + len(pieces[0]) <= LABEL_WIDTH:
+            lines[-1] += " " + pieces.pop(0)
+        lines += pieces
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], results: list[RunResult]) -> bytes:
-    """Each finished run's test accuracy, one column per group, with the group's mean ± std."""
+    """summary.png: figure()'s drawing."""
+    buffer = io.BytesIO()
+    figure(summary, results).savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def figure(summary: list[dict], results: list[RunResult]):
+    """Each finished run's test accuracy, one column per group, with the group's mean ± std,
+    each column named by its wrapped label."""
     require("matplotlib", "the summary plot", "read summary.md and summary.json, which are written without it")
     # matplotlib's Agg canvas directly, never pyplot (as plots.py, and for its reasons).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(max(4.0, 1.6 * len(summary)), 3.6))
+    labels = [wrapped(entry["label"]) for entry in summary]
+    label_lines = max(label.count("\n") + 1 for label in labels)
+    figure = Figure(figsize=(max(4.0, 2.0 * len(summary)), 3.2 + 0.18 * label_lines))
     ax = figure.add_subplot()
     by_path = {r.path: r for r in results}
     for x, entry in enumerate(summary):
@@ -209,16 +247,16 @@ def plot(summary: list[dict], results: list[RunResult]) -> bytes:
         ax.scatter([x] * len(accuracies), accuracies, color="tab:blue", alpha=0.6, zorder=2)
         stats = entry["test_acc"]
         ax.errorbar(x + 0.15, stats["mean"], yerr=stats["std"] or 0, fmt="o", color="black", capsize=4, zorder=3)
-    ax.set_xticks(range(len(summary)), [entry["label"] for entry in summary], rotation=20, ha="right")
+    ax.set_xticks(range(len(summary)), labels, fontsize=8)
     ax.set_xlim(-0.5, len(summary) - 0.5)
     ax.set_ylabel("final test accuracy")
-    ax.set_title(f"{sum(e['test_acc']['n'] for e in summary)} runs (dots), mean ± std (bars)")
+    repeated = any(entry["duplicate_seeds"] for entry in summary)
+    ax.set_title(f"{sum(e['test_acc']['n'] for e in summary)} runs (dots), mean ± std (bars)"
+                 + ("; a seed repeated in a group (summary.md)" if repeated else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     FigureCanvasAgg(figure)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return figure
 
 
 def build_parser() -> Parser:

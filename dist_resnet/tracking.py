@@ -10,6 +10,7 @@ GPU image without wandb still trains with --report-to none).
 import json
 import netrc
 import os
+import shlex
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -72,6 +73,14 @@ def resolve_wandb_mode(requested: str | None) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
+def offline_sync_command(run_files_dir: str, run_id: str) -> str:
+    """`wandb sync` of every offline piece of the run: each start of a resumed run (after a
+    stop, a requeue, a restart) writes a folder of its own, offline-run-<time>-<run id>, beside
+    the others; the pattern names them all, those of later pieces too."""
+    wandb_dir = Path(run_files_dir).parent.parent  # .../wandb/offline-run-<time>-<id>/files
+    return f"wandb sync {shlex.quote(str(wandb_dir))}/offline-run-*-{run_id}"
+
+
 class WandbTracker:
     """Weights & Biases. The run's id is the output directory's run id, so a resumed job
     continues the same W&B run. Its files go under $WANDB_DIR when set, else the output
@@ -102,8 +111,9 @@ class WandbTracker:
                 self.run = self._init(mode, kwargs)
             except Exception as err2:
                 raise TrackerError(f"W&B could not start ({_one_line(err2)})") from None
-        if mode == "offline":
-            say(f"W&B is offline; upload the run later with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
+        self.say, self.sync = say, offline_sync_command(self.run.dir, run_id) if mode == "offline" else None
+        if self.sync:
+            say(f"W&B is offline; upload the run later with: {self.sync}")
 
     def _init(self, mode: str, kwargs: dict):
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
@@ -133,6 +143,8 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+        if self.sync:  # after W&B's own last words, which name this piece of the run alone
+            self.say(f"W&B is offline; upload every piece of the run with: {self.sync}")
 
 
 class TensorBoardTracker:

@@ -8,6 +8,7 @@ run exactly; SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop it.
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -23,6 +24,10 @@ from dist_resnet.config import Config, ExitCode, options_given, parse_config
 from dist_resnet.model import CARD_KEY, count_parameters
 
 PROG = "dist_resnet/train.py"
+# The reference model's training throughput on a CPU, one process on 2 cores of the machine
+# docs/launching.md describes ("A first run on a CPU"): the start-up estimate of a CPU run.
+CPU_IMAGES_PER_S = 170
+DEBUG_COMMAND = "python dist_resnet/train.py --debug"
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -98,6 +103,7 @@ class Run:
         self.warm = None  # the compile cache's part of start-up, till the first step (started())
         self.is_main = accelerator.is_main_process
         self.lock = self.trackers = self.plots = self.bar = self.profiler = None
+        self.new_dirs = []
         self.step, self.evaluation, self.evaluated_at, self.weights_at = 0, None, None, None
         self.ema_evaluation = None
         self.metrics_failed = False
@@ -113,6 +119,7 @@ class Run:
             config = dataclasses.replace(config, run_name=name, output_dir=str(Path("runs") / name))
         self.output_dir = Path(config.output_dir)
         self.lock = files.DirectoryLock(self.output_dir)
+        self.new_dirs = data.new_directories(self.output_dir) if self.is_main else []
         claim = distributed.broadcast_object(self.together(lambda: self._claim(config), main_only=True))
         if config.run_name is None:
             name = claim.continues.config.run_name if claim.continues else rundir.default_run_name()
@@ -195,7 +202,8 @@ class Run:
             num_parameters=count_parameters(recipe_.net), train_size=len(recipe_.train),
             test_size=len(self.test_data), steps_per_epoch=recipe_.steps_per_epoch,
             started=claim.continues.facts.started if claim.continues else _now(),
-            provenance=provenance.describe(self.accelerator.device.type)), self.given)
+            provenance=provenance.describe(self.accelerator.device.type),
+            intra_op_threads=torch.get_num_threads()), self.given)
         # Trackers before the record: one that cannot start leaves the directory as it was,
         # free for a retry; the run --overwrite replaces is back in place then.
         with rundir.replacing(self.output_dir, claim.replaces):
@@ -288,7 +296,12 @@ class Run:
         self.say(f"{world_size} process(es) on {self.accelerator.device.type}, global batch {config.batch_size} "
                  f"= {world_size} x {per_process} per process, mixed precision "
                  f"{self.accelerator.mixed_precision}, {len(self.recipe.train)} training images, "
-                 f"{config.epochs} epoch(s); outputs in {self.output_dir}")
+                 f"{config.epochs} epoch(s){threads_note(torch.get_num_threads(), available_cores(), local_processes())}"
+                 f"; outputs in {self.output_dir}")
+        notice = cpu_notice(config, self.accelerator.device.type,
+                            (self.recipe.total_steps - self.step) * config.batch_size)
+        if notice:
+            self.say(notice)
         if world_size > 1 and not self.recipe.sync_bn:
             reason = ("PyTorch has no SyncBatchNorm on CPU" if self.accelerator.device.type != "cuda"
                       else "--no-sync-bn")
@@ -462,8 +475,7 @@ class Run:
     def stopped(self, signum: int) -> int:
         self.bar.close()
         self.say(f"stopped by {signal.Signals(signum).name} at step {self.step}; checkpoint saved in "
-                 f"{checkpoint.checkpoint_dir(self.output_dir)}. Continue with: --resume auto "
-                 f"--output-dir {self.output_dir}")
+                 f"{checkpoint.checkpoint_dir(self.output_dir)}. {continue_command(self.output_dir)}")
         return ExitCode.OK
 
     # ---- end ------------------------------------------------------------------------------
@@ -512,7 +524,65 @@ class Run:
         if self.trackers is not None:
             self.trackers.close()
         if self.lock is not None:
+            self.remove_if_unused()
             self.lock.release()
+
+    def remove_if_unused(self) -> None:
+        """A run that could not start (bad data, a failed download) leaves no output directory
+        it made, holding only its lock, behind."""
+        try:
+            if self.new_dirs and self.lock.fd is not None and os.listdir(self.output_dir) == [self.lock.path.name]:
+                self.lock.path.unlink()  # while still held: no other run can be waiting on it
+                data.remove_empty(self.new_dirs)
+        except OSError:  # not removable: it stays, as it would have without this
+            pass
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or a Slurm job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def threads_note(threads: int, cores: int, local: int) -> str:
+    """For the start line, where torch's intra-op threads per process (OMP_NUM_THREADS, else
+    one per core) are not the process's share of the cores it may use: how many, of how many."""
+    if threads == max(1, cores // local):
+        return ""
+    return (f", {threads} intra-op thread(s) per process of {cores} core(s) available"
+            + (f" to {local} processes" if local > 1 else ""))
+
+
+def cpu_notice(config: Config, device_type: str, images_left: int) -> str | None:
+    """The reference recipe on a CPU takes hours: a line that says so, with the estimate at
+    CPU_IMAGES_PER_S and what to run instead; None for any other run, or one of minutes."""
+    if (device_type != "cpu" or config.debug or config.recipe != "reference"
+            or config.widths != Config().widths):
+        return None
+    minutes = images_left / CPU_IMAGES_PER_S / 60
+    if minutes < 10:
+        return None
+    estimate = f"{minutes / 60:.0f} h" if minutes >= 90 else f"{minutes:.0f} min"
+    data = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(getattr(config, name)))}"
+                   for name in ("dataset", "data_dir") if getattr(config, name) != getattr(Config(), name))
+    return (f"note: this is the reference recipe, meant for GPUs, on the CPU: about {estimate} at about "
+            f"{CPU_IMAGES_PER_S} images/s (docs/launching.md); it runs on, but for a run of seconds try: "
+            f"{DEBUG_COMMAND}{data}")
+
+
+def continue_command(output_dir: Path) -> str:
+    """How to continue a stopped run, as a command that works as printed: the run's record
+    holds its options (config.parse_config), so these two are all it needs."""
+    options = f"--resume auto --output-dir {shlex.quote(str(output_dir))}"
+    if distributed.is_distributed():
+        return f"Continue with the same launch command and {PROG}'s options {options}"
+    started = sys.argv[0] if sys.argv else PROG
+    if Path(started).name.startswith("dist-resnet-train"):  # the installed command
+        return f"Continue with: {Path(started).name} {options}"
+    return f"Continue with: python {shlex.quote(started if started.endswith('.py') else PROG)} {options}"
 
 
 def _now() -> str:

@@ -158,3 +158,14 @@ def in_process(main, args: list, capsys) -> subprocess.CompletedProcess:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([getattr(main, "__module__", "main"), *map(str, args)], code, out, err)
+
+
+def write_run_record(directory: Path, config) -> None:
+    """The run record (config.json) a run of config writes at its start, with made-up facts."""
+    from dist_resnet import rundir
+
+    facts = rundir.Facts(world_size=1, per_process_batch=config.batch_size, sync_bn_active=False, device="cpu",
+                         resolved_mixed_precision="no", num_parameters=1, train_size=1, test_size=1,
+                         steps_per_epoch=1, started="2026-12-02T00:00:00+0000", provenance={}, intra_op_threads=1)
+    directory.mkdir(exist_ok=True)
+    rundir.RunRecord("0123456789ab", config, facts).write(directory)

@@ -2,8 +2,10 @@
 to real training processes, kills during real saves, a real rank death."""
 
 import dataclasses
+import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -113,6 +115,15 @@ def test_signal_on_one_rank_stops_all_then_resume_is_exact(reference_runs, mnist
     assert len(run_files) == 2 and {f.name for f in run_files} == {f"run-{run_id}.wandb"}  # ...one run
     resumed_steps = [row["_step"] for row in wandb_records.history(run_files[-1]) if "train/train_loss" in row]
     assert resumed_steps[0] == stopped_step + 1  # the resumed run continues where it stopped
+    # One `wandb sync` command, printed by each piece, covers every piece: together they hold
+    # every step once.
+    for printed, said in [(text, f"{when}: ") for text in (log, result.stdout)
+                          for when in ("upload the run later with", "upload every piece of the run with")]:
+        command = shlex.split(printed.split(said)[1].splitlines()[0])
+        assert command[:2] == ["wandb", "sync"] and len(command) == 3
+        assert sorted(Path(p) for p in glob.glob(command[2])) == [f.parent for f in run_files]
+    steps = [row["_step"] for f in run_files for row in wandb_records.history(f) if "train/train_loss" in row]
+    assert sorted(steps) == list(range(1, TOTAL_STEPS + 1))
 
 
 def saving_now(out):
@@ -162,7 +173,7 @@ def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, t
 
 def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, mnist_dir, tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it): a checkpoint and exit 0,
-    then the resumed run ends exactly as the uninterrupted one. Ctrl-C twice, a few seconds
+    then the command it prints (no options retyped) ends exactly as the uninterrupted run. Ctrl-C twice, a few seconds
     apart: exit 130 at once, no traceback, the last complete checkpoint kept."""
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
@@ -172,7 +183,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
     assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
     log = (tmp_path / "first.log").read_text()
     assert "stopped by SIGINT at step" in log and "Traceback" not in log
-    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
+    # The command it prints, as printed: the run's options come from its record.
+    program, *printed = shlex.split(log.split("Continue with: ")[1].splitlines()[0])
+    assert program == "python" and printed == [str(TRAIN_PY), "--resume", "auto", "--output-dir", str(out)]
+    result = run([sys.executable, *printed], env=ONE_THREAD)
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[1])
 
@@ -194,7 +208,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
 def test_ctrl_c_under_torchrun_checkpoints_every_rank(reference_runs, mnist_dir, tmp_path):
     """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it once
     more): the workers agree on a step, checkpoint and exit, then the run resumes exactly.
-    torchrun itself exits 1 with its own report (README, "Exit codes")."""
+    torchrun itself exits 1 with its own report (docs/troubleshooting.md, "Exit codes")."""
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
     process = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,

@@ -1,9 +1,10 @@
+import dataclasses
 import sys
 
 import pytest
 import torch
 
-from conftest import TRAIN_PY, describe, parse_error, run
+from conftest import TRAIN_PY, describe, parse_error, run, write_run_record
 from dist_resnet import recipe
 from dist_resnet.config import Config
 from dist_resnet.train import parse_args as parse_config
@@ -132,3 +133,63 @@ def test_a_restarted_elastic_group_continues_its_run(capsys, monkeypatch):
         with pytest.raises(SystemExit) as exit_info:
             parse_config(argv)
         assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--debug"],
+    ["--widths", "4,8", "--batch-size", "32", "--lr", "0.02", "--schedule", "cosine", "--warmup-steps", "5",
+     "--optimizer", "sgd", "--momentum", "0.8", "--augment", "--ema", "0.99", "--label-smoothing", "0.1",
+     "--epochs", "3", "--train-limit", "500", "--tags", "a,b", "--log-every", "2", "--report-to", "none",
+     "--recipe", "fast", "--no-compile", "--data-dir", "/data/elsewhere", "--run-name", "many"],
+])
+def test_resume_auto_continues_with_the_recorded_options(argv, tmp_path, capsys, monkeypatch):
+    """`--resume auto --output-dir X` alone continues the run in X with the options it was
+    started with (its config.json), not with the defaults; options given again win (and are
+    checked against the record when the run claims X: tests/test_run_dir.py)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    started = parse_config([*argv, "--output-dir", str(out)])
+    write_run_record(out, started)
+    resumed = parse_config(["--resume", "auto", "--output-dir", str(out)])
+    assert resumed == dataclasses.replace(started, resume="auto", run_name=None)  # the name: when it claims X
+    assert parse_config(["--resume", "auto", "--output-dir", str(out), "--log-every", "7"]).log_every == 7
+    # Not a resume of X (a fresh run, another directory, an explicit --config): no record read.
+    assert parse_config(["--output-dir", str(out)]) == Config(output_dir=str(out))
+    assert parse_config(["--resume", "auto", "--output-dir", str(tmp_path / "new")]).widths == Config().widths
+    (tmp_path / "other.yaml").write_text("epochs: 5\n")
+    explicit = parse_config(["--config", str(tmp_path / "other.yaml"), "--resume", "auto", "--output-dir", str(out)])
+    assert (explicit.epochs, explicit.widths) == (5, Config().widths)
+
+
+def test_a_damaged_record_to_resume_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "config.json").write_text('{"format": 1, "run_id": "x", "epochs": "many"}')
+    err = parse_error(["--resume", "auto", "--output-dir", str(tmp_path)], capsys)
+    assert f"--resume auto: cannot continue with the options of {tmp_path / 'config.json'}" in err
+
+
+def test_the_reference_recipe_on_a_cpu_says_so_and_what_to_run_instead(monkeypatch):
+    from dist_resnet.train import CPU_IMAGES_PER_S, DEBUG_COMMAND, cpu_notice
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    reference = parse_config([])
+    images = reference.epochs * 60_000  # the whole run on MNIST
+    notice = cpu_notice(reference, "cpu", images)
+    assert f"about {images / CPU_IMAGES_PER_S / 3600:.0f} h" in notice and notice.endswith(DEBUG_COMMAND)
+    assert len(notice.splitlines()) == 1
+    assert cpu_notice(reference, "cpu", 250_000).count(" min at about ") == 1  # a smaller data set
+    assert cpu_notice(reference, "cuda", images) is None
+    for other in (["--debug"], ["--recipe", "fast", "--no-compile"], ["--widths", "8,16,32"]):
+        assert cpu_notice(parse_config(other), "cpu", images) is None, other
+    assert cpu_notice(reference, "cpu", 1000) is None  # minutes at most: nothing to warn of
+    elsewhere = parse_config(["--data-dir", "/data/my mnist"])
+    assert cpu_notice(elsewhere, "cpu", images).endswith(f"{DEBUG_COMMAND} --data-dir '/data/my mnist'")
+    assert DEBUG_COMMAND.split()[2:] == ["--debug"] and parse_config(DEBUG_COMMAND.split()[2:]).debug
+
+
+def test_the_start_line_names_the_threads_only_where_they_are_not_the_share_of_cores():
+    from dist_resnet.train import threads_note
+
+    assert threads_note(2, 2, 1) == "" and threads_note(1, 2, 2) == "" and threads_note(1, 1, 1) == ""
+    assert threads_note(1, 2, 1) == ", 1 intra-op thread(s) per process of 2 core(s) available"
+    assert threads_note(4, 4, 2) == ", 4 intra-op thread(s) per process of 4 core(s) available to 2 processes"

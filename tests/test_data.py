@@ -41,8 +41,13 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     # A mirror that refuses every connection, whatever network this machine has.
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError, match=r"could not download MNIST into .* Copy the four files .*\*-ubyte\.gz"):
+        ensure_mnist(tmp_path / "new" / "data", download=True)
+    assert not list(tmp_path.iterdir())  # nothing that was not there before: no empty MNIST/raw, no data/
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "MNIST" / "raw" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="could not download MNIST"):
         ensure_mnist(tmp_path, download=True)
-    assert not list(tmp_path.rglob("*-ubyte*")) and [p.name for p in tmp_path.iterdir()] == ["MNIST"]
+    assert [p.name for p in (tmp_path / "MNIST" / "raw").iterdir()] == ["notes.txt"]  # what was there stays
 
 
 def test_a_raw_file_that_disagrees_with_its_gz_is_reported(data_copy):

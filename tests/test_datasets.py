@@ -354,3 +354,13 @@ def test_test_labels_are_the_training_classes_when_test_lacks_one(named_folder):
     assert test.spec.class_names == train.spec.class_names and missing in train.spec.class_names
     assert missing not in folder_labels(test)
     assert folder_labels(test) == [path.parent.name for path in test.files] and len(test) > 0
+
+
+def test_a_failed_cifar_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    # A mirror that refuses every connection, whatever network this machine has.
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match="could not download CIFAR-10"):
+        datasets.DATASETS["cifar10"].fetch(datasets.Options(str(tmp_path / "new" / "data"), download=True))
+    assert not list(tmp_path.iterdir())

@@ -56,7 +56,7 @@ def test_gpu_configs_also_run_on_cpu(name, launch_args, train_args, world_size, 
 @pytest.mark.parametrize("case", ["bad option", "no data"])
 def test_bad_input_under_a_two_process_launch_is_said_once(launcher, case, tmp_path):
     """Every process sees the same bad input; rank 0 alone says it, in one line. The launcher
-    then reports its failed processes in its own words and exits 1 (README, "Exit codes").
+    then reports its failed processes in its own words and exits 1 (docs/troubleshooting.md, "Exit codes").
     Slow: four 2-process launches, since what is checked is which rank prints (the one-line
     errors themselves are checked in process, tests/test_config.py and test_data.py)."""
     args = {"bad option": ["--lr", "-1"],

@@ -1,4 +1,4 @@
-"""The package's three floors (README, "How it works"): foundations import nothing of the
+"""The package's three floors (docs/how-it-works.md): foundations import nothing of the
 package, services import only foundations, commands tie them together without importing one
 another (cli.py, the commands' shared convention, aside). Read from the source, so a new module
 must be placed on a floor here before it can land."""

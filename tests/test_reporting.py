@@ -183,8 +183,9 @@ def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
                   "--output-dir", out], env={"WANDB_DIR": str(wandb_dir)})
     assert result.returncode == 0, describe(result)
-    printed = Path(result.stdout.split("wandb sync ")[1].split()[0])
-    assert printed.parent == wandb_dir / "wandb" and printed.name.startswith("offline-run-") and printed.is_dir()
+    printed = Path(result.stdout.split("wandb sync ")[1].split()[0])  # every piece of the run: one here
+    (piece,) = printed.parent.glob(printed.name)
+    assert printed.parent == wandb_dir / "wandb" and piece.name.startswith("offline-run-") and piece.is_dir()
     assert not (out / "wandb").exists()
     assert wandb_records.history(wandb_records.run_file(wandb_dir))  # the run file, read back
 
@@ -194,7 +195,7 @@ def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_d
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
                   "--wandb-mode", "online", "--output-dir", out], env=NO_CREDENTIALS)
     assert_one_line_error(result, 5, "W&B is set to online but no credentials were found")
-    assert not out.exists()  # a start that failed leaves nothing behind: free for the retry
+    assert not out.exists()  # the directory it made is gone: free for the retry
 
 
 def test_wandb_without_a_server_falls_back_to_offline(mnist_dir, tmp_path):

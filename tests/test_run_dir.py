@@ -133,6 +133,19 @@ def test_filesystem_errors_are_one_line_and_exit_4(case, mnist_dir, tmp_path, ca
     assert code == 4 and len(err.splitlines()) == 1 and "--output-dir" in err, err
 
 
+def test_a_run_that_cannot_start_leaves_no_output_directory_behind(tmp_path, capsys):
+    """In process: missing data ends the run before its record is written; the output
+    directory it made (and the parents it made) go again, one that was there stays."""
+    (tmp_path / "empty").mkdir()
+    args = ["--data-dir", str(tmp_path / "empty"), *TINY, "--output-dir"]
+    assert train_main([*args, str(tmp_path / "runs" / "new")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    (tmp_path / "there").mkdir()
+    assert train_main([*args, str(tmp_path / "there")]) == 2
+    assert (tmp_path / "there").is_dir()
+    assert "MNIST not found" in capsys.readouterr().err
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 160 KiB tmpfs: room for a run's first checkpoints, not for many. Needs root."""

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_one_line_error, describe, run
 
+from dist_resnet import summarize as summarizing
 from dist_resnet.config import ExitCode
 
 
@@ -63,3 +64,45 @@ def test_the_spread_of_several_seeds_is_the_sample_standard_deviation():
     assert group["time_to_final_eval_s"]["std"] == pytest.approx((5 / 3) ** 0.5, rel=1e-12)
     assert group["images_per_s"]["std"] == 0
     assert "0.2500 ± 0.1291" in markdown([group], runs)
+
+
+def long_named_groups() -> list[summarizing.RunResult]:
+    """Four groups that differ in five options each (long labels), one with seed 1 twice."""
+    results = []
+    for g, (optimizer, schedule, widths) in enumerate([("adamw", "onecycle", [32, 64, 128]), ("sgd", "cosine", [8, 16, 32]),
+                                                      ("adam", "constant", [64, 128, 256, 512]), ("adamw", "cosine", [4, 8])]):
+        group = {"optimizer": optimizer, "schedule": schedule, "widths": widths, "label_smoothing": 0.1 * g,
+                 "warmup_steps": 100.0 * g, "world_size": 1}
+        for seed in ([0, 1, 1] if g == 1 else [0, 1]):
+            results.append(summarizing.RunResult(f"runs/g{g}-s{seed}-{len(results)}", "done", group=group, seed=seed,
+                                               test_acc=0.98 + 0.001 * seed + 0.002 * g, time_to_final_eval_s=60.0,
+                                               images_per_s=1000.0))
+    return results
+
+
+def test_long_group_labels_stay_inside_the_plot(tmp_path):
+    results = long_named_groups()
+    summary = summarizing.summarise(results)
+    assert len(summary) == 4 and all(entry["label"].count(", ") == 4 for entry in summary)
+    figure = summarizing.figure(summary, results)
+    renderer = figure.canvas.get_renderer()
+    (ax,) = figure.axes
+    labels = ax.get_xticklabels()
+    assert [label.get_text() for label in labels] == [summarizing.wrapped(e["label"]) for e in summary]
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    inside = figure.bbox
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 for b in boxes), boxes
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), "labels overlap"
+    assert all(len(line) <= summarizing.LABEL_WIDTH for b in summary for line in summarizing.wrapped(b["label"]).split("\n"))
+    (tmp_path / "summary.png").write_bytes(summarizing.plot(summary, results))
+
+
+def test_the_same_seed_twice_in_a_group_is_reported():
+    results = long_named_groups()
+    summary = summarizing.summarise(results)
+    assert [entry["duplicate_seeds"] for entry in summary] == [
+        {}, {"1": ["runs/g1-s1-3", "runs/g1-s1-4"]}, {}, {}]
+    assert summary[1]["test_acc"]["n"] == 3  # counted, and said
+    text = summarizing.markdown(summary, results)
+    assert "The same seed more than once in a group" in text
+    assert f"- {summary[1]['label']}: seed 1: `runs/g1-s1-3`, `runs/g1-s1-4`" in text

@@ -69,7 +69,7 @@ def assert_same_state(a: Recipe, b: Recipe) -> None:
 # ---- optimizers and schedules -------------------------------------------------------------
 
 def expected_lr(peak: float, t: int, warmup: int, total: int, cosine: bool) -> float:
-    """The schedule's definition (README, "Training options"), written out independently."""
+    """The schedule's definition (docs/training-options.md), written out independently."""
     if t < warmup:
         return peak * (t + 1) / (warmup + 1)
     if not cosine:

@@ -26,6 +26,7 @@ def test_two_processes_formed_one_group(two_process_run):
     assert config["world_size"] == 2 and config["per_process_batch"] == 64
     assert config["batch_size"] == 128 and config["lr"] == 3e-3 and config["widths"] == [8, 16, 32]
     assert config["sync_bn_active"] is False  # CPU: no SyncBatchNorm, said once
+    assert config["intra_op_threads"] == config["provenance"]["torch_threads"] >= 1  # rank 0's, recorded
     assert stdout.count("BatchNorm is per process (PyTorch has no SyncBatchNorm on CPU)") == 1
 
 
