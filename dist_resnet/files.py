@@ -113,16 +113,6 @@ class DirectoryLock:
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / ".lock"
         self.fd: int | None = None
-        # Directories made for the run (its output directory and any missing parents,
-        # deepest first): a run that fails to start leaves none of them behind.
-        self.created: list[Path] = []
-
-    def make_directory(self) -> None:
-        """The lock's directory, made with its missing parents (remembered in created)."""
-        directory = self.path.parent
-        missing = [p for p in (directory, *directory.parents) if not os.path.lexists(p)]
-        directory.mkdir(parents=True, exist_ok=True)
-        self.created = missing
 
     def acquire(self) -> None:
         try:  # never through a link: the holder's details are written into the file
@@ -152,10 +142,3 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the file releases the lock
             self.fd = None
-            for directory in self.created:  # what a run that never started leaves: the lock alone
-                try:
-                    if [p.name for p in directory.iterdir()] in ([], [".lock"]):
-                        (directory / ".lock").unlink(missing_ok=True)
-                        directory.rmdir()
-                except OSError:  # written to meanwhile, or not ours to remove: it stays
-                    break

@@ -133,7 +133,7 @@ def claim(config: Config, lock: files.DirectoryLock, checkpoint_run_id: str | No
     a run that --overwrite replaces is set aside by replace() once the new run can start."""
     directory = Path(config.output_dir)
     try:
-        lock.make_directory()
+        directory.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except files.LockedError as err:
         raise RunDirError(f"{err}: wait for it to end, or choose another --output-dir") from None

@@ -443,27 +443,5 @@ def test_export_refuses_its_output_before_any_work(tmp_path, capsys, monkeypatch
     assert weights.read_bytes() == before
 
 
-# ---- run directories -----------------------------------------------------------------------
-
-def test_a_run_that_cannot_start_leaves_no_directory_behind(tmp_path):
-    """A failed start (its data missing, a tracker that cannot start) leaves neither its output
-    directory nor the parents made for it; a directory that was there, or holds anything, stays."""
-    from dist_resnet import files
-
-    out = tmp_path / "new" / "run"
-    lock = files.DirectoryLock(out)
-    rundir.claim(Config(output_dir=str(out)), lock, None)
-    assert (out / ".lock").is_file()
-    lock.release()
-    assert not (tmp_path / "new").exists()
-    kept = tmp_path / "kept"
-    kept.mkdir()
-    lock = files.DirectoryLock(kept / "run")
-    rundir.claim(Config(output_dir=str(kept / "run")), lock, None)
-    (kept / "run" / "metrics.jsonl").write_text("")
-    lock.release()
-    assert (kept / "run" / "metrics.jsonl").exists()
-
-
 def test_cli_knows_every_new_error():
     assert cli.exit_code(WeightsError("x")) == ExitCode.BAD_INPUT
