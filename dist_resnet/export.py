@@ -160,6 +160,8 @@ def run_data_dir(weights: Path) -> str | None:
 def notebook_state(path: Path) -> dict:
     """The state dict a notebook saved (torch.save), with ResNet's names. Read with
     weights_only: tensors and containers only, no pickled code runs."""
+    if not path.is_file():  # a FIFO would block
+        raise WeightsError(f"{path}: no such file, or not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
@@ -171,14 +173,14 @@ def notebook_state(path: Path) -> dict:
 
 def convert_notebook(args: Options) -> int:
     """--to-notebook, --from-notebook: the same weights under the other model's names."""
+    output = args.output or (args.weights.with_name("model.safetensors") if args.from_notebook
+                             else weights_path(args.weights).with_name("model-notebook.pth"))
+    if os.path.lexists(output):  # never the weights being read, nor anything else
+        return cli.fail(PROG, f"{output} exists already: give another --output", code=ExitCode.BAD_INPUT)
     if args.from_notebook:
-        output = args.output or args.weights.with_name("model.safetensors")
-        if output.exists():
-            return cli.fail(PROG, f"{output} exists already: give another --output", code=ExitCode.BAD_INPUT)
         content = checkpoint.tensor_bytes(notebook_state(args.weights))
     else:
         model = load_model(args.weights, WIDTHS.accepts)
-        output = args.output or weights_path(args.weights).with_name("model-notebook.pth")
         buffer = io.BytesIO()
         torch.save(to_notebook_names(model.state_dict()), buffer)
         content = buffer.getvalue()
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {output}: onnxruntime gives PyTorch's predictions on {len(images)} test images, "
           f"logits within {difference:.2g} (tolerance {LOGIT_TOLERANCE:g})")
     return ExitCode.OK
+
 
 if __name__ == "__main__":
     sys.exit(main())

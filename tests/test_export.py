@@ -98,3 +98,16 @@ def test_a_state_dict_of_another_model_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "not a parameter of the notebook's ResNet" in err
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_to_notebook_never_writes_over_the_weights(tmp_path, capsys):
+    """--to-notebook --output W, W the weights being converted: refused, the weights intact."""
+    from dist_resnet import checkpoint, export
+    from dist_resnet.model import ResNet
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(checkpoint.tensor_bytes(ResNet((4, 4, 4)).state_dict()))
+    before = weights.read_bytes()
+    assert export.main([str(weights), "--to-notebook", "--output", str(weights)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert weights.read_bytes() == before
