@@ -189,11 +189,9 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None, name:
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one split, read from the raw files."""
     root = raw_dir(data_dir, name)
     image_name, label_name = FILES[split]
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    images = _read(root / image_name, read_image_file)
-    labels = _read(root / label_name, read_label_file)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
+    images = read_idx(root / image_name, ndim=3)
+    labels = read_idx(root / label_name, ndim=1)
+    if images.shape[1:] != (28, 28):
         raise DataError(f"{root / image_name}: expected 28x28 images, found shape {tuple(images.shape)}")
     if len(images) != len(labels):
         raise DataError(
@@ -210,16 +208,29 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None, name:
 IDX_MAX_BYTES = 256 * 2**20  # the largest file of the family, the training images, has 47 MB
 
 
-def _read(path: Path, reader) -> torch.Tensor:
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """The uint8 array of an IDX file of ndim dimensions, the MNIST family's format: two zero
+    bytes, the type 0x08 (unsigned bytes), ndim, each size as a big-endian 32-bit number, then
+    exactly that many bytes. Read here, not by torchvision, whose import costs seconds a process."""
     # Checked before it is opened: a FIFO would block, and a file is read whole.
     if path.exists() and not path.is_file():
         raise DataError(f"{path}: not a regular file")
-    if path.is_file() and path.stat().st_size > IDX_MAX_BYTES:
-        raise DataError(f"{path}: {path.stat().st_size} bytes, more than an MNIST IDX file holds")
+    size = path.stat().st_size if path.is_file() else 0
+    if size > IDX_MAX_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than an MNIST IDX file holds")
+    header_size = 4 + 4 * ndim
     try:
-        return reader(str(path))
-    except Exception as err:  # torchvision asserts, or fails in view() on a truncated file
-        raise DataError(f"{path}: not a readable MNIST IDX file ({type(err).__name__}: {err})") from None
+        with open(path, "rb") as file:
+            header = file.read(header_size)
+            if len(header) < header_size or header[:4] != bytes([0, 0, 0x08, ndim]):
+                raise ValueError(f"its header is not that of {ndim}-dimensional unsigned bytes")
+            shape = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, header_size, 4))
+            content = bytearray(math.prod(shape))
+            if file.readinto(content) != len(content) or file.read(1):
+                raise ValueError(f"its size is not that of its header's shape {shape}")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable MNIST IDX file ({err})") from None
+    return torch.frombuffer(content, dtype=torch.uint8).reshape(shape) if content else torch.zeros(shape, dtype=torch.uint8)
 
 
 def normalize(images: torch.Tensor, channels_last: bool = False, mean: tuple[float, ...] = (MEAN,),
