@@ -10,6 +10,7 @@ and serve twice: as argparse types for the command line, and as the checks a run
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -233,14 +234,19 @@ class MissingPackage(Exception):
     """An installed package that a chosen feature needs is missing."""
 
 
-def require(module: str, feature: str, instead: str):
+def require(module: str, feature: str, instead: str, import_it: bool = True):
     """The module, imported; or MissingPackage saying which feature needs it and how to get it.
-    The suite's optional parts (trackers, plots) import their package through this, when used."""
+    The suite's optional parts (trackers, plots) import their package through this, when used.
+    import_it=False only finds it, for a feature whose child process imports it (the plots)."""
     try:
-        return importlib.import_module(module)
+        if import_it:
+            return importlib.import_module(module)
+        if importlib.util.find_spec(module) is not None:
+            return None
     except ImportError:
-        raise MissingPackage(f"{feature} needs the {module} package, which is not installed here: "
-                             f"`pip install {module}`, or {instead}") from None
+        pass
+    raise MissingPackage(f"{feature} needs the {module} package, which is not installed here: "
+                         f"`pip install {module}`, or {instead}")
 
 
 # ---- kinds of values ------------------------------------------------------------------------

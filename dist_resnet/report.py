@@ -87,7 +87,7 @@ class Plots:
 
     def _start(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
         try:
-            require("matplotlib", "Drawing plots", "do without them")
+            require("matplotlib", "Drawing plots", "do without them", import_it=False)
         except MissingPackage as err:
             self._warn("matplotlib", f"warning: no plots: {err}")
             return
