@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import socket
@@ -158,6 +160,21 @@ def in_process(main, args: list, capsys) -> subprocess.CompletedProcess:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([getattr(main, "__module__", "main"), *map(str, args)], code, out, err)
+
+
+def train_here(args: list) -> subprocess.CompletedProcess:
+    """train.py's main(argv) in this process, as run() returns a subprocess: for the tests of
+    what a run does with its files, where starting a process (seconds of imports each time)
+    checks nothing. What needs a process of its own (signals, a kill, a launch, W&B) starts one."""
+    from dist_resnet.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # a command line argparse refused
+            code = stop.code
+    return subprocess.CompletedProcess(["train.py", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def write_run_record(directory: Path, config) -> None:

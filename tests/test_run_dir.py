@@ -1,6 +1,7 @@
 """A run never destroys another run's files, a finished training never ends without its final
-weights, and every failure of the filesystem is one line and exit code 4. Real runs, real
-files, a real lock, a real full filesystem."""
+weights, and every failure of the filesystem is one line and exit code 4. Real runs (in this
+process, but for the live run a lock is tested against), real files, a real lock, a real full
+filesystem."""
 
 import hashlib
 import json
@@ -12,11 +13,9 @@ import sys
 
 import pytest
 
-from conftest import TRAIN_PY, assert_one_line_error, describe, run, start, train_records, wait_for
+from conftest import TRAIN_PY, assert_one_line_error, describe, run, start, train_here, train_records, wait_for
 from dist_resnet import checkpoint, rundir
 from dist_resnet.train import main as train_main
-
-pytestmark = pytest.mark.slow
 
 TINY = ["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--test-limit", "64",
         "--no-download", "--report-to", "none"]
@@ -27,8 +26,11 @@ def snapshot(directory) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def train(mnist_dir, out, *args, **kw):
-    return run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *TINY, "--output-dir", out, *args], **kw)
+def train(mnist_dir, out, *args, env=None):
+    """A run of TINY into out, in this process; with env (what the environment adds or
+    removes), in a process of its own."""
+    argv = ["--data-dir", mnist_dir, *TINY, "--output-dir", out, *args]
+    return train_here(argv) if env is None else run([sys.executable, TRAIN_PY, *argv], env=env)
 
 
 
@@ -57,6 +59,7 @@ def test_a_second_run_never_destroys_the_first(mnist_dir, tmp_path):
     assert max(r["step"] for r in train_records(out)) == 4
 
 
+@pytest.mark.slow  # a live run of its own, killed, then resumed: 160 steps
 def test_a_live_run_locks_its_directory_and_a_killed_one_does_not(mnist_dir, tmp_path):
     out = tmp_path / "out"
     args = ["--epochs", "40", "--log-every", "1", "--checkpoint-every", "20", "--eval-every", "100"]

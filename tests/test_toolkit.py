@@ -422,14 +422,13 @@ def test_every_best_metric_has_a_direction():
 
 # ---- profiling -----------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_profile_writes_a_trace_of_training_steps_and_a_table(mnist_dir, tmp_path):
     import json
 
-    from conftest import TRAIN_PY, describe, run
+    from conftest import describe, train_here
     out = tmp_path / "run"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "1024",
-                  "--epochs", "1", "--profile", "--output-dir", out])  # 16 steps
+    result = train_here(["--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "1024", "--epochs", "1", "--profile",
+                         "--output-dir", out])  # 16 steps
     assert result.returncode == 0, describe(result)
     events = json.loads((out / "profile-trace.json").read_text())["traceEvents"]
     names = {e.get("name", "") for e in events}
@@ -476,20 +475,18 @@ def test_a_bad_config_file_is_one_line_and_exit_2(content, fragment, tmp_path, c
     assert err.startswith(f"dist_resnet/train.py: error: --config {path}: ") and fragment in err, err
 
 
-@pytest.mark.slow
 def test_a_run_is_rerun_bitwise_from_its_config_json(mnist_dir, tmp_path):
     import json
 
     from safetensors.torch import load_file
 
-    from conftest import TRAIN_PY, describe, run, train_records
+    from conftest import describe, train_here, train_records
     first, second = tmp_path / "first", tmp_path / "second"
-    one_thread = {"OMP_NUM_THREADS": "1"}
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "256", "--seed",
-                  "5", "--epochs", "1", "--schedule", "cosine", "--warmup-steps", "1", "--ema", "0.9", "--augment",
-                  "--lr", "5e-3", "--log-every", "1", "--output-dir", first], env=one_thread)
+    result = train_here(["--data-dir", mnist_dir, *LAUNCHED, "--train-limit", "256", "--seed", "5", "--epochs", "1",
+                         "--schedule", "cosine", "--warmup-steps", "1", "--ema", "0.9", "--augment", "--lr", "5e-3",
+                         "--log-every", "1", "--output-dir", first])
     assert result.returncode == 0, describe(result)
-    again = run([sys.executable, TRAIN_PY, "--config", first / "config.json", "--output-dir", second], env=one_thread)
+    again = train_here(["--config", first / "config.json", "--output-dir", second])
     assert again.returncode == 0, describe(again)
     for name in ("model.safetensors", "model-ema.safetensors"):
         a, b = load_file(first / name), load_file(second / name)
