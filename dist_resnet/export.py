@@ -86,6 +86,9 @@ def onnx_bytes(model: torch.nn.Module, spec: data.DataSpec = data.MNIST_SPEC) ->
     example = torch.zeros(2, spec.channels, *spec.size, dtype=torch.uint8)
     with warnings.catch_warnings():  # its deprecation notice: chosen knowingly, see above
         warnings.simplefilter("ignore", DeprecationWarning)
+        # A data set's per-channel mean and std become constants of the graph, as they should:
+        # the tracer's warning that tensors made in forward() are constants says only that.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(Pixels(model, spec.mean, spec.std).eval(), (example,), buffer, dynamo=False,
                           opset_version=OPSET,
                           input_names=["images"], output_names=["logits"],

@@ -152,10 +152,10 @@ def test_streamed_resume_mid_epoch_is_bitwise_and_reads_no_skipped_batch(data_di
 
 
 @pytest.mark.slow
-def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, data_dirs, tmp_path):
+def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, data_dirs, tmp_path, capsys):
     """CIFAR-10 weights copied away from their run: the file says what they are. Slow: the
-    weights of a launched run, and six commands started as users start them (in process:
-    test_predict.py's colour model)."""
+    weights of a launched run, and evaluate and predict started as users start them (in
+    process: test_predict.py's colour model)."""
     result, out = launched["cifar10"]
     assert result.returncode == 0, describe(result)
     weights = Path(shutil.copy(out / "model.safetensors", tmp_path / "cifar.safetensors"))
@@ -181,16 +181,18 @@ def test_evaluate_and_predict_rebuild_a_model_from_its_weights_alone(launched, d
     expected = torch.softmax(logits.double(), dim=1)[0]
     np.testing.assert_allclose(row["probabilities"], expected.numpy(), rtol=1e-5, atol=1e-7)
     assert row["class"] == datasets.CIFAR_CLASSES[int(expected.argmax())]
-    table = run([sys.executable, PREDICT_PY, "--weights", weights, image])
+    # The rest in this process: the commands' main() behind the same command lines.
+    from dist_resnet import evaluate, export, predict
+    table = in_process(predict.main, ["--weights", weights, image], capsys)
     assert table.stdout.splitlines()[0].split()[:2] == ["file", "class"] and row["class"] in table.stdout
 
-    exported = run([sys.executable, "-m", "dist_resnet.export", weights, "--data-dir", data_dirs["cifar10"],
-                    "--check-images", "64", "--output", tmp_path / "cifar.onnx"])
+    exported = in_process(export.main, [weights, "--data-dir", data_dirs["cifar10"], "--check-images", "64",
+                                        "--output", tmp_path / "cifar.onnx"], capsys)
     assert exported.returncode == 0 and "on 64 test images" in exported.stdout, describe(exported)
 
-    for command in ([PREDICT_PY, "--weights", weights, image, "--dataset", "mnist"],
-                    [EVALUATE_PY, weights, "--dataset", "mnist", "--data-dir", data_dirs["cifar10"]]):
-        assert_one_line_error(run([sys.executable, *command]), 2, "was trained on cifar10, not --dataset mnist")
+    for main, argv in ((predict.main, ["--weights", weights, image, "--dataset", "mnist"]),
+                       (evaluate.main, [weights, "--dataset", "mnist", "--data-dir", data_dirs["cifar10"]])):
+        assert_one_line_error(in_process(main, argv, capsys), 2, "was trained on cifar10, not --dataset mnist")
 
 
 def test_weights_without_a_description_are_an_mnist_model(trained_run, tmp_path):
