@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnist_files import write_mnist
 
@@ -162,18 +163,24 @@ def in_process(main, args: list, capsys) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([getattr(main, "__module__", "main"), *map(str, args)], code, out, err)
 
 
-def train_here(args: list) -> subprocess.CompletedProcess:
+def train_here(args: list, threads: int | None = None) -> subprocess.CompletedProcess:
     """train.py's main(argv) in this process, as run() returns a subprocess: for the tests of
     what a run does with its files, where starting a process (seconds of imports each time)
-    checks nothing. What needs a process of its own (signals, a kill, a launch, W&B) starts one."""
+    checks nothing. What needs a process of its own (signals, a kill, a launch, W&B) starts one.
+    threads: torch's intra-op threads meanwhile, to match runs of OMP_NUM_THREADS=threads
+    bitwise (a convolution's sums may be split differently with more threads)."""
     from dist_resnet.train import main
 
     out, err = io.StringIO(), io.StringIO()
+    threads_before = torch.get_num_threads()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
+            torch.set_num_threads(threads or threads_before)
             code = main([str(a) for a in args])
         except SystemExit as stop:  # a command line argparse refused
             code = stop.code
+        finally:
+            torch.set_num_threads(threads_before)
     return subprocess.CompletedProcess(["train.py", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

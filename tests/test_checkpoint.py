@@ -1,5 +1,7 @@
 """Checkpoints, resume, preemption signals and failures, with real processes: signals sent
-to real training processes, kills during real saves, a real rank death."""
+to real training processes, kills during real saves, a real rank death. What follows a
+one-process interruption (its resume, the reference it is compared with, a refused resume)
+runs in this process."""
 
 import dataclasses
 import glob
@@ -17,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import (TRAIN_PY, assert_one_line_error, describe, free_port, run, start, train_records,
-                      wait_for, worker_pids)
+from conftest import (TRAIN_PY, assert_one_line_error, describe, free_port, run, start, train_here,
+                      train_records, wait_for, worker_pids)
 from dist_resnet.checkpoint import IncompatibleCheckpoint, complete_checkpoints, read_meta
 from dist_resnet.config import Config
 
@@ -69,11 +71,17 @@ def reference_runs(mnist_dir, tmp_path_factory):
     runs = {}
     for key, nproc, args in ((1, 1, ARGS), (2, 2, ARGS), ("augmented", 1, AUGMENTED)):
         out = tmp_path_factory.mktemp("reference") / f"run-{key}"
-        result = run(launch_command(nproc, "--data-dir", mnist_dir, *args, "--report-to", "none",
-                                    "--output-dir", out), env=ONE_THREAD)
+        argv = ["--data-dir", mnist_dir, *args, "--report-to", "none", "--output-dir", out]
+        result = run(launch_command(nproc, *argv), env=ONE_THREAD) if nproc > 1 else train_here(argv, threads=1)
         assert result.returncode == 0, describe(result)
         runs[key] = out
     return runs
+
+
+def resume_here(args) -> None:
+    """An interrupted one-process run resumed in this process, one thread as the run had."""
+    result = train_here([*args, "--resume", "auto"], threads=1)
+    assert result.returncode == 0, describe(result)
 
 
 def test_checkpoints_are_kept_newest_and_complete(reference_runs):
@@ -144,8 +152,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(reference_runs, mn
     survivors = complete_checkpoints(out)
     assert survivors and all((p / "model.safetensors").is_file() for p in survivors)
 
-    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
-    assert result.returncode == 0, describe(result)
+    resume_here(args)
     assert_same_weights(out, reference_runs["augmented"])
     assert_same_history(out, reference_runs["augmented"], log_every=3)
 
@@ -165,8 +172,7 @@ def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, t
     assert "stopped by SIGTERM at step" in (tmp_path / "first.log").read_text()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"event": "train", "step": 9')
-    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
-    assert result.returncode == 0, describe(result)
+    resume_here(args)
     assert_same_weights(out, reference_runs[1])
     assert_same_history(out, reference_runs[1])
 
@@ -235,8 +241,7 @@ def test_second_signal_during_save_does_not_corrupt_it(reference_runs, mnist_dir
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert not saving_now(out)
-    result = run(launch_command(1, *args, "--resume", "auto"), env=ONE_THREAD)
-    assert result.returncode == 0, describe(result)
+    resume_here(args)
     assert_same_weights(out, reference_runs[1])
 
 
@@ -269,8 +274,8 @@ def test_a_rank_that_fails_alone_ends_the_job(mnist_dir, tmp_path, rank):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
     out = tmp_path / "out"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--lr", "1e20",
-                  "--checkpoint-every", "1", "--report-to", "none", "--output-dir", out])
+    result = train_here(["--data-dir", mnist_dir, *ARGS, "--lr", "1e20", "--checkpoint-every", "1",
+                         "--report-to", "none", "--output-dir", out])
     assert result.returncode == 3, describe(result)
     message = [line for line in result.stderr.splitlines() if "error:" in line]
     # The weights can go non-finite a step before the loss computed from them does.
@@ -289,8 +294,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp
 
 def test_checkpoint_of_other_widths_is_refused(reference_runs, mnist_dir, tmp_path):
     ckpt = complete_checkpoints(reference_runs[1])[-1]
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--widths", "8,8,8",
-                  "--resume", ckpt, "--report-to", "none", "--output-dir", tmp_path / "out"])
+    result = train_here(["--data-dir", mnist_dir, *ARGS, "--widths", "8,8,8", "--resume", ckpt,
+                         "--report-to", "none", "--output-dir", tmp_path / "out"])
     assert result.returncode == 2, describe(result)
     assert_one_line_error(result, 2, "was saved with other options than this run's: --widths 4,8,8 (now 8,8,8)")
 
@@ -337,8 +342,8 @@ def test_a_checkpoint_of_pickles_runs_no_code(reference_runs, mnist_dir, tmp_pat
     plant_pickles(ckpt, marker)
     for name in ("model.safetensors", "state.safetensors", "rng-0.safetensors"):
         torch.save(Payload(marker), ckpt / name)
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--resume", ckpt,
-                  "--report-to", "none", "--output-dir", tmp_path / "out"])
+    result = train_here(["--data-dir", mnist_dir, *ARGS, "--resume", ckpt, "--report-to", "none",
+                         "--output-dir", tmp_path / "out"])
     assert_one_line_error(result, 2, "damaged")
     assert not marker.exists()
 
