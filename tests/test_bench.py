@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN_PY, describe, run
+from conftest import describe, run, train_here
 from dist_resnet import bench, data
 
 
@@ -142,8 +142,7 @@ def test_a_config_trains_exactly_what_train_py_trains(small_data, tmp_path, one_
     the same weights: one step function, one data order, one initialisation."""
     options = bench.train_options("eager_fp32", settings_for(small_data), small_data)
     out = tmp_path / "train"
-    result = run([sys.executable, TRAIN_PY, *options, "--epochs", "1", "--output-dir", out],
-                 env={"OMP_NUM_THREADS": "1"})
+    result = train_here([*options, "--epochs", "1", "--output-dir", out], threads=1)
     assert result.returncode == 0, describe(result)
 
     recipe, _ = bench.build(options)

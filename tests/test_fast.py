@@ -2,13 +2,12 @@
 correct. (Their speed is measured by `python -m dist_resnet.bench`, never asserted here.)"""
 
 import json
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import QUICK, TRAIN_PY, describe, run
+from conftest import QUICK, describe, train_here
 from dist_resnet.config import FAST_RECIPE
 from dist_resnet.train import parse_args as parse_config
 from dist_resnet.model import recalibrate_batchnorm
@@ -51,10 +50,9 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path):
     """One-cycle schedule, label smoothing, channels-last, BatchNorm recalibration: the
     schedule is the one asked for and the run still learns."""
     out = tmp_path / "out"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--lr", "1e-2",
-                  "--epochs", "3", "--train-limit", "2048", "--log-every", "1", "--schedule", "onecycle",
-                  "--label-smoothing", "0.1", "--channels-last", "--bn-recalibrate", "4",
-                  "--report-to", "none", "--output-dir", out])
+    result = train_here(["--data-dir", mnist_dir, *QUICK, "--lr", "1e-2", "--epochs", "3", "--train-limit", "2048",
+                         "--log-every", "1", "--schedule", "onecycle", "--label-smoothing", "0.1", "--channels-last",
+                         "--bn-recalibrate", "4", "--report-to", "none", "--output-dir", out])
     assert result.returncode == 0, describe(result)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["event"] == "train"]

@@ -3,7 +3,6 @@ warmup, gradient clipping, accumulation and weight EMA, each checked against wha
 defined to compute, and resumed from real checkpoints on disk."""
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
