@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import describe, run, train_here
+from conftest import describe, in_process, run, train_here
 from dist_resnet import bench, data
 
 
@@ -83,9 +83,9 @@ def test_bad_train_options_leave_the_json_file_alone(tmp_path, capsys):
     assert keep.read_text() == '{"config": "notebook"}\n' and "--bogus" in capsys.readouterr().err
 
 
-def test_options_the_data_cannot_satisfy_are_one_line():
-    result = run([sys.executable, "-m", "dist_resnet.bench", "--quick", "--device", "cpu", "--configs", "eager_fp32",
-                  "--", "--train-limit", "10"], timeout=240, env={"OMP_NUM_THREADS": "1"})
+def test_options_the_data_cannot_satisfy_are_one_line(capsys):
+    result = in_process(bench.main, ["--quick", "--device", "cpu", "--configs", "eager_fp32", "--", "--train-limit",
+                                     "10"], capsys)
     assert result.returncode == 2, describe(result)
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert errors == ["python -m dist_resnet.bench: error: --batch-size 256 is larger than the 10 training images: "

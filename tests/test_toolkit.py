@@ -379,8 +379,8 @@ def test_early_stop_stops_every_rank_at_the_same_epoch(mnist_dir, tmp_path):
     back: --early-stop 2 ends the run 2 evaluations after its best (the count started again
     at each improvement), every rank at the same step (one that kept training would wait in
     a collective until --dist-timeout failed the job), with a final checkpoint both ranks
-    wrote. Slow: two 2-process launches, since what is checked is that the ranks agree (the
-    rule itself: in process, test_an_improvement_resets_the_count_of_evaluations_without_one)."""
+    wrote. Slow: a 2-process launch, since what is checked is that the ranks agree (the rule
+    itself: in process, test_an_improvement_resets_the_count_of_evaluations_without_one)."""
     from conftest import TRAIN_PY, accelerate_launch, describe, train_records
     out = tmp_path / "run"
     result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "10", "--lr", "1e-3",
@@ -404,10 +404,10 @@ def test_early_stop_stops_every_rank_at_the_same_epoch(mnist_dir, tmp_path):
     assert newest.name == f"step-{stop_epoch * 8:08d}"
     assert {p.name for p in newest.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
     assert (out / "model.safetensors").exists() and (out / "classification_report.txt").exists()
-    # The checkpoint holds the early stop: resuming it trains nothing more.
-    again = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *LAUNCHED, "--epochs", "10", "--lr", "1e-3",
-                              "--early-stop", "2", "--output-dir", out, "--resume", "auto",
-                              env={"OMP_NUM_THREADS": "1"})
+    # The checkpoint holds the early stop: resuming it (here, in one process) trains nothing more.
+    from conftest import train_here
+    again = train_here(["--data-dir", mnist_dir, *LAUNCHED, "--epochs", "10", "--lr", "1e-3", "--early-stop", "2",
+                        "--output-dir", out, "--resume", "auto"])
     assert again.returncode == 0, describe(again)
     assert "stopping early at step" in again.stdout and checkpoint.complete_checkpoints(out)[-1] == newest
     assert [r["epoch"] for r in train_records(out, "eval")] == [r["epoch"] for r in evals]
