@@ -24,6 +24,7 @@ def quick_run(tmp_path_factory):
     return result, json_out
 
 
+@pytest.mark.slow  # reads the `python -m dist_resnet.bench --quick` process of quick_run (tens of seconds); its steps are checked in process below
 def test_json_lines_name_every_config_once(quick_run):
     result, json_out = quick_run
     rows = [json.loads(line) for line in json_out.read_text().splitlines()]
@@ -33,6 +34,7 @@ def test_json_lines_name_every_config_once(quick_run):
     assert "x notebook" in result.stderr and "SYNTHETIC DATA" in result.stderr
 
 
+@pytest.mark.slow  # reads the `python -m dist_resnet.bench --quick` process of quick_run (tens of seconds); its steps are checked in process below
 def test_baseline_and_eager_configs_measured(quick_run):
     rows = {r["config"]: r for r in map(json.loads, quick_run[1].read_text().splitlines())}
     for name in ("notebook", "eager_fp32", "bf16_channels_last"):
@@ -47,6 +49,7 @@ def test_baseline_and_eager_configs_measured(quick_run):
     assert rows["notebook"]["speedup_vs_notebook"] == 1.0
 
 
+@pytest.mark.slow  # reads the `python -m dist_resnet.bench --quick` process of quick_run (tens of seconds); its steps are checked in process below
 def test_skipped_configs_say_why(quick_run):
     rows = {r["config"]: r for r in map(json.loads, quick_run[1].read_text().splitlines())}
     assert all("pass --configs to force" in rows[name]["skipped"] for name in ("compiled", "compiled_augment"))

@@ -190,6 +190,7 @@ def test_sharded_batches_together_are_the_single_process_batch(world_size, num_s
         assert sorted(together.tolist()) == sorted(expected.tolist())
 
 
+@pytest.mark.slow  # four processes at once, each importing torch
 def test_processes_sharing_one_data_directory_never_read_a_half_written_file(mnist_dir, tmp_path):
     """Four processes (as the nodes of a job sharing ./data would) unpack the same .gz files at
     once and read them: each gets the whole data set."""

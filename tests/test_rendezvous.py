@@ -6,6 +6,8 @@ import socket
 import sys
 import time
 
+import pytest
+
 from conftest import TRAIN_PY, assert_one_line_error, error_lines, free_port, run, start
 
 from dist_resnet.config import ExitCode
@@ -24,6 +26,7 @@ def launcher_env(rank: int, world_size: int, port: int) -> dict:
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+@pytest.mark.slow  # waits out a rendezvous timeout in a process of its own
 def test_a_process_that_never_starts_ends_the_rendezvous_with_a_message(mnist_dir, tmp_path):
     """Ranks 0 and 1 of 3 start, rank 2 never does: rank 0 says 2 of 3 joined, rank 1 is
     silent, both exit 6 within the timeout (and the start-up)."""
@@ -40,6 +43,7 @@ def test_a_process_that_never_starts_ends_the_rendezvous_with_a_message(mnist_di
     assert not error_lines(logs[1]) and all("Traceback" not in log for log in logs), logs
 
 
+@pytest.mark.slow  # waits out a rendezvous timeout in a process of its own
 def test_a_process_whose_rank_0_never_starts_says_so(mnist_dir):
     port = free_port()
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *ARGS], env=launcher_env(1, 2, port),

@@ -78,6 +78,7 @@ def test_plots_exist_and_decode(tracked_run, name):
         assert image.width > 200 and image.height > 100
 
 
+@pytest.mark.slow  # evaluate.py started as users start it; in process: the tests below
 def test_evaluate_reproduces_the_training_report(tracked_run, tmp_path):
     result = run([sys.executable, EVALUATE_PY, tracked_run, "--output-dir", tmp_path])
     assert result.returncode == 0, describe(result)
@@ -178,6 +179,7 @@ def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, 
 NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}
 
 
+@pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run
 def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist_dir, tmp_path):
     out, wandb_dir = tmp_path / "out", tmp_path / "wandb-files"
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
@@ -190,6 +192,7 @@ def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist
     assert wandb_records.history(wandb_records.run_file(wandb_dir))  # the run file, read back
 
 
+@pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run
 def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_dir, tmp_path):
     out = tmp_path / "out"
     result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
@@ -198,6 +201,7 @@ def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_d
     assert not out.exists()  # the directory it made is gone: free for the retry
 
 
+@pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run; waits out WANDB_INIT_TIMEOUT
 def test_wandb_without_a_server_falls_back_to_offline(mnist_dir, tmp_path):
     """An API key, but a server that refuses every connection: after WANDB_INIT_TIMEOUT seconds
     the run logs offline instead, and trains to the end."""

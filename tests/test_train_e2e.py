@@ -82,7 +82,8 @@ def test_wandb_offline_run_recorded_the_metrics(two_process_run):
     assert config["world_size"] == 2 and config["lr"] == 3e-3
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: a launch of 2 processes
+@pytest.mark.slow  # a whole --debug run started as users start it (conftest.trained_run is the quick one)
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_debug_run_learns(mnist_dir, tmp_path, nproc):
     """`python dist_resnet/train.py --debug`, and the README's 2-process CPU debug launch, pass
     through every stage in seconds and learn: far above the 10% of chance on the test digits."""
