@@ -225,9 +225,12 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
             if len(header) < header_size or header[:4] != bytes([0, 0, 0x08, ndim]):
                 raise ValueError(f"its header is not that of {ndim}-dimensional unsigned bytes")
             shape = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, header_size, 4))
-            content = bytearray(math.prod(shape))
-            if file.readinto(content) != len(content) or file.read(1):
+            # Checked before anything is allocated: a header may claim any shape.
+            if header_size + math.prod(shape) != os.fstat(file.fileno()).st_size:
                 raise ValueError(f"its size is not that of its header's shape {shape}")
+            content = bytearray(math.prod(shape))
+            if file.readinto(content) != len(content):
+                raise ValueError(f"it ended before its header's shape {shape}")
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable MNIST IDX file ({err})") from None
     return torch.frombuffer(content, dtype=torch.uint8).reshape(shape) if content else torch.zeros(shape, dtype=torch.uint8)

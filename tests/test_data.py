@@ -121,6 +121,13 @@ def test_corrupt_file_names_the_file(data_copy, damage):
         load_split(data_copy, "test")
 
 
+def test_an_idx_header_claiming_a_huge_shape_is_refused_before_any_allocation(data_copy):
+    path = raw_dir(data_copy) / "t10k-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3 + b"\0" * 100)
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: not a readable MNIST IDX file .*size is not"):
+        load_split(data_copy, "test")
+
+
 def test_image_and_label_counts_must_agree(data_copy):
     raw = raw_dir(data_copy)
     shutil.copy(raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte")
