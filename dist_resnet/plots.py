@@ -129,11 +129,13 @@ def plot_misclassified(images, labels, predictions, max_images: int = 36, class_
     # figure several times slower to draw than the other two together. Sizes in inches: each
     # image 1.1 wide, 0.3 above it for its title, 0.3 between images.
     per_inch = max(height, width) / 1.1  # mosaic pixels per inch
-    title, gap = round(0.3 * per_inch), round(0.3 * per_inch)
+    title = gap = round(0.3 * per_inch)
     mosaic = np.full((rows * (title + height) + (rows - 1) * gap, cols * width + (cols - 1) * gap)
                      + ((3,) if colour else ()), 255, np.uint8)
-    figure = Figure(figsize=(max(mosaic.shape[1] / per_inch, 4.5) + 0.4, mosaic.shape[0] / per_inch + 0.9))
-    ax = figure.add_axes((0, 0, 1, 1))
+    width_in, height_in = max(mosaic.shape[1] / per_inch, 4.5) + 0.4, mosaic.shape[0] / per_inch + 0.9
+    figure = Figure(figsize=(width_in, height_in))
+    # The Axes fills the figure below the 0.7-inch heading, 0.2 inches from the edges.
+    ax = figure.add_axes((0.2 / width_in, 0.2 / height_in, 1 - 0.4 / width_in, 1 - 0.9 / height_in))
     for n, (tile, i) in enumerate(zip(tiles, shown)):
         row, col = divmod(n, cols)
         top, left = row * (title + height + gap) + title, col * (width + gap)
@@ -145,10 +147,6 @@ def plot_misclassified(images, labels, predictions, max_images: int = 36, class_
     ax.set_axis_off()
     figure.suptitle(f"misclassified: {len(wrong)} of {len(labels)}"
                     + (f" (first {len(shown)} shown)" if len(shown) < len(wrong) else ""))
-    # The Axes fills the figure below the heading, at the mosaic's own aspect.
-    heading = 0.7 / figure.get_figheight()
-    ax.set_position((0.2 / figure.get_figwidth(), 0.2 / figure.get_figheight(),
-                     1 - 0.4 / figure.get_figwidth(), 1 - heading - 0.2 / figure.get_figheight()))
     return _png(figure, tight=False)
 
 
