@@ -23,6 +23,19 @@ def test_deduplicate_drops_sampler_padding_and_keeps_order():
     assert result.labels.tolist() == [0, 1, 2, 3, 4]
 
 
+def test_the_confusion_matrix_is_scikit_learns():
+    """Counted by numpy (the plots need no scikit-learn), as scikit-learn counts it: rows are
+    the true classes, every class has its row and column, present in the test set or not."""
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 7, 200), rng.integers(0, 7, 200)  # classes 7-9 absent
+    labels[:30] = 2  # unbalanced, so that a transposed matrix differs
+    got = Evaluation(labels, predictions, np.zeros(200), NAMES).confusion()
+    assert got.shape == (10, 10) and got.sum() == 200
+    assert np.array_equal(got, confusion_matrix(labels, predictions, labels=list(range(10))))
+
+
 def test_deduplicate_refuses_missing_samples():
     with pytest.raises(RuntimeError, match="covered 2 of 3"):
         deduplicate(np.array([0, 1]), np.zeros(2), np.zeros(2), np.zeros(2), num_samples=3, class_names=NAMES)
