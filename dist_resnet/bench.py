@@ -49,7 +49,7 @@ CONFIGS = {  # name: (what it is, train.py options)
                                [*SPEED["eager"], "--data-path", "stream", "--workers", str(n)]) for n in (0, 1, 2, 4, 8)},
 }
 # --quick: seconds on a CPU; options after -- win, as explicit options win over train.py --debug.
-QUICK = ["--widths", "8,16,32", "--batch-size", "256"]
+QUICK = ["--widths", "4,8,8", "--batch-size", "64"]
 SYNTHETIC_SIZES = {"quick": (4096, 512), "full": (60000, 10000)}  # (train, test), full = MNIST's
 
 

@@ -41,7 +41,7 @@ def test_baseline_and_eager_configs_measured(quick_run):
         row = rows[name]
         assert row["skipped"] is None and row["error"] is None, row
         assert row["images_per_s"] > 0 and row["ms_per_step"] > 0 and row["speedup_vs_notebook"] > 0
-        assert row["batch_size"] == 256 and row["widths"] == [8, 16, 32] and row["steps"] == 3
+        assert row["batch_size"] == 64 and row["widths"] == [4, 8, 8] and row["steps"] == 3
         assert row["device"] == "cpu" and row["data"] == "synthetic"
         assert row["torch"] == torch.__version__ and row["date"] and row["cpu_count"] >= 1
         assert row["memory_kind"].startswith("cpu peak RSS")
@@ -91,7 +91,7 @@ def test_options_the_data_cannot_satisfy_are_one_line(capsys):
                                      "10"], capsys)
     assert result.returncode == 2, describe(result)
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
-    assert errors == ["python -m dist_resnet.bench: error: --batch-size 256 is larger than the 10 training images: "
+    assert errors == ["python -m dist_resnet.bench: error: --batch-size 64 is larger than the 10 training images: "
                       "lower --batch-size"] and "Traceback" not in result.stderr
 
 
