@@ -119,6 +119,26 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
     return out
 
 
+# The runs that are interrupted and resumed (tests/test_checkpoint.py, tests/test_slurm.py):
+# 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps; a one-cycle
+# schedule, so that resume must restore the scheduler too.
+RESUME_ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--schedule", "onecycle",
+               "--train-limit", "960", "--test-limit", "128", "--epochs", "4", "--log-every", "1",
+               "--checkpoint-every", "4", "--no-download"]
+RESUME_STEPS = 60
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(mnist_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process `accelerate launch` of RESUME_ARGS (one thread each), that the
+    interrupted and resumed 2-process runs must end exactly as: started once for the session."""
+    out = tmp_path_factory.mktemp("reference") / "run-2"
+    result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *RESUME_ARGS, "--report-to", "none",
+                               "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, describe(result)
+    return out
+
+
 @pytest.fixture(scope="session")
 def accelerator():
     """An in-process Accelerator on the CPU, for tests that drive the recipe or checkpoints

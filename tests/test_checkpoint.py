@@ -19,19 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import (TRAIN_PY, assert_one_line_error, describe, free_port, run, start, train_here,
-                      train_records, wait_for, worker_pids)
+from conftest import (RESUME_ARGS, RESUME_STEPS, TRAIN_PY, assert_one_line_error, describe, free_port, run, start,
+                      train_here, train_records, wait_for, worker_pids)
 from dist_resnet.checkpoint import IncompatibleCheckpoint, complete_checkpoints, read_meta
 from dist_resnet.config import Config
 
 pytestmark = pytest.mark.slow
 
-# 15 steps an epoch, 4 epochs, a log record every step, a checkpoint every 4 steps; a one-cycle
-# schedule, so that resume must restore the scheduler too.
-ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--schedule", "onecycle", "--train-limit", "960",
-        "--test-limit", "128", "--epochs", "4", "--log-every", "1", "--checkpoint-every", "4",
-        "--no-download"]
-TOTAL_STEPS = 60
+ARGS, TOTAL_STEPS = RESUME_ARGS, RESUME_STEPS
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
@@ -65,14 +60,13 @@ AUGMENTED = [*ARGS, "--augment", "--log-every", "3"]
 
 
 @pytest.fixture(scope="module")
-def reference_runs(mnist_dir, tmp_path_factory):
+def reference_runs(mnist_dir, tmp_path_factory, two_process_reference):
     """Uninterrupted runs with 1 and 2 processes, and with 1 process augmented, to compare
-    interrupted ones against."""
-    runs = {}
-    for key, nproc, args in ((1, 1, ARGS), (2, 2, ARGS), ("augmented", 1, AUGMENTED)):
+    interrupted ones against (the 1-process ones in this process)."""
+    runs = {2: two_process_reference}
+    for key, args in ((1, ARGS), ("augmented", AUGMENTED)):
         out = tmp_path_factory.mktemp("reference") / f"run-{key}"
-        argv = ["--data-dir", mnist_dir, *args, "--report-to", "none", "--output-dir", out]
-        result = run(launch_command(nproc, *argv), env=ONE_THREAD) if nproc > 1 else train_here(argv, threads=1)
+        result = train_here(["--data-dir", mnist_dir, *args, "--report-to", "none", "--output-dir", out], threads=1)
         assert result.returncode == 0, describe(result)
         runs[key] = out
     return runs
@@ -157,19 +151,24 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(reference_runs, mn
     assert_same_history(out, reference_runs["augmented"], log_every=3)
 
 
-def test_sigterm_twice_stops_once_with_a_checkpoint(reference_runs, mnist_dir, tmp_path):
-    """SIGTERM (preemption) first, and again moments later: one agreed stop, a checkpoint,
-    exit 0; a half-written last metrics line (what a kill leaves) does not block the resume,
-    which ends exactly as the uninterrupted run."""
+def test_more_signals_before_and_during_the_save_stop_once_with_a_checkpoint(reference_runs, mnist_dir, tmp_path):
+    """SIGUSR1 (the time limit is near), SIGTERM (preemption) moments later, and SIGTERM again
+    while the checkpoint is being written: one agreed stop, a complete checkpoint, exit 0; a
+    half-written last metrics line (what a kill leaves) does not block the resume, which ends
+    exactly as the uninterrupted run."""
     out = tmp_path / "out"
     args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
     process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
     wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGUSR1)
     time.sleep(0.05)
     os.kill(process.pid, signal.SIGTERM)
+    wait_for(lambda: saving_now(out), timeout=60, interval=0.001, what="the save")
+    os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    assert "stopped by SIGTERM at step" in (tmp_path / "first.log").read_text()
+    log = (tmp_path / "first.log").read_text()
+    assert log.count("stopped by SIG") == 1 and "stopped by SIGUSR1 at step" in log, log[-3000:]
+    assert not saving_now(out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"event": "train", "step": 9')
     resume_here(args)
@@ -192,7 +191,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
     # The command it prints, as printed: the run's options come from its record.
     program, *printed = shlex.split(log.split("Continue with: ")[1].splitlines()[0])
     assert program == "python" and printed == [str(TRAIN_PY), "--resume", "auto", "--output-dir", str(out)]
-    result = run([sys.executable, *printed], env=ONE_THREAD)
+    result = train_here(printed[1:], threads=1)  # printed[0] is train.py: its main(argv), here
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[1])
 
@@ -229,20 +228,6 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank(reference_runs, mnist_dir,
     result = run(launch_command(2, *args, "--resume", "auto"), env=ONE_THREAD)
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[2])
-
-
-def test_second_signal_during_save_does_not_corrupt_it(reference_runs, mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    args = ["--data-dir", mnist_dir, *ARGS, "--report-to", "none", "--output-dir", out]
-    process = start(launch_command(1, *args), tmp_path / "first.log", env=ONE_THREAD)
-    wait_for(lambda: len(train_records(out)) >= 6, timeout=120, what="six training steps")
-    os.kill(process.pid, signal.SIGUSR1)
-    wait_for(lambda: saving_now(out), timeout=60, interval=0.001, what="the save")
-    os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    assert not saving_now(out)
-    resume_here(args)
-    assert_same_weights(out, reference_runs[1])
 
 
 def test_a_dead_rank_ends_the_job_fast(mnist_dir, tmp_path):

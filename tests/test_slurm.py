@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, REPO, accelerate_launch, describe, train_records, wait_for
+from conftest import QUICK, REPO, RESUME_ARGS, RESUME_STEPS, train_records, wait_for
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["slurm_cluster"]
@@ -40,40 +40,21 @@ def submit(cluster, tmp_path: Path, *args: str, nodes: int = 1):
     return result, job_log(tmp_path)
 
 
-def test_two_nodes_train_one_run(slurm_cluster, mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    result, log = submit(slurm_cluster, tmp_path, "--data-dir", str(mnist_dir), *QUICK,
-                         "--epochs", "1", "--report-to", "none", "--output-dir", str(out), nodes=2)
-    assert result.returncode == 0, result.stderr + log + slurm_cluster.log_tails()
-    assert "2 node(s) x 1 process(es), mixed precision no" in log  # CPU nodes: no bf16
-    config = json.loads((out / "config.json").read_text())
-    assert config["world_size"] == 2 and config["per_process_batch"] == 64
-    report = json.loads((out / "classification_report.json").read_text())
-    assert report["macro avg"]["support"] == 301
-    assert log.count("global batch 128 = 2 x 64 per process") == 1  # rank 0 alone prints
-    assert log.count("epoch 1/1: test accuracy") == 1
-
-
 def test_arguments_reach_train_py_and_errors_fail_the_job(slurm_cluster, tmp_path):
     result, log = submit(slurm_cluster, tmp_path, "--lr", "-1")
     assert result.returncode != 0
     assert "argument --lr: expected a positive finite number" in log
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, mnist_dir, tmp_path):
-    """USR1 to the batch script (what --signal=B:USR1@180 sends before the time limit): the
-    training processes checkpoint and stop, the job requeues itself, the requeued run resumes
-    and ends with the same weights as an uninterrupted run."""
-    args = ["--data-dir", mnist_dir, "--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3",
-            "--train-limit", "960", "--test-limit", "128", "--epochs", "4", "--log-every", "1",
-            "--no-download", "--report-to", "none"]
-    reference = tmp_path / "reference"
-    result = accelerate_launch(2, REPO / "dist_resnet" / "train.py", *args, "--output-dir", reference,
-                               env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, describe(result)
-
+def test_two_nodes_train_one_run_that_a_time_limit_requeues_and_resumes_exactly(slurm_cluster, mnist_dir,
+                                                                              two_process_reference, tmp_path):
+    """Two nodes, one launcher task each, train one run. USR1 to the batch script (what
+    --signal=B:USR1@180 sends before the time limit): the training processes checkpoint and
+    stop, the job requeues itself, the requeued run resumes and ends with the same weights as
+    an uninterrupted 2-process run."""
     out = tmp_path / "out"
-    job = subprocess.Popen(sbatch_command(tmp_path, *args, "--output-dir", out, nodes=2), cwd=REPO,
+    job = subprocess.Popen(sbatch_command(tmp_path, "--data-dir", mnist_dir, *RESUME_ARGS, "--report-to", "none",
+                                          "--output-dir", out, nodes=2), cwd=REPO,
                            env=job_env(slurm_cluster, OMP_NUM_THREADS="1"), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     job_id = job.stdout.readline().split()[-1]  # "Submitted batch job N"
@@ -84,11 +65,20 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluste
     log = job_log(tmp_path)
     assert job.returncode == 0, log + slurm_cluster.log_tails()
 
+    # One run across the nodes, its lines from rank 0 alone, once per start.
+    assert log.count("2 node(s) x 1 process(es), mixed precision no") == 2  # CPU nodes: no bf16
+    assert log.count("global batch 64 = 2 x 32 per process") == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["per_process_batch"] == 32
+    assert json.loads((out / "classification_report.json").read_text())["macro avg"]["support"] == 128
+    assert log.count("epoch 4/4: test accuracy") == 1
+
     assert "received SIGUSR1" in log and "requeueing job" in log
-    assert "stopped by SIGUSR1 at step" in log
-    assert f"job {job_id} (restart 1)" in log and "resuming from" in log
-    assert train_records(out)[-1]["step"] == 60 and len(train_records(out)) == 60
-    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    stopped_step = int(log.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert f"job {job_id} (restart 1)" in log and log.split("resuming from ")[1].splitlines()[0] == str(
+        out / "checkpoints" / f"step-{stopped_step:08d}")
+    assert train_records(out)[-1]["step"] == RESUME_STEPS and len(train_records(out)) == RESUME_STEPS
+    got, want = load_file(out / "model.safetensors"), load_file(two_process_reference / "model.safetensors")
     assert all(torch.equal(got[name], want[name]) for name in want)
 
 
