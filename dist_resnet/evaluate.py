@@ -155,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             raise rundir.RunDirError(f"--output-dir {output_dir} holds a training run: write the evaluation "
                                      "into its eval/ (the default) or another directory")
         if accelerator.is_main_process:
+            plots = report.Plots(output_dir, say=say)
             try:
                 output_dir.mkdir(parents=True, exist_ok=True)
+                plots.draw(result, test.host_images, records=None, final=True)  # drawn while the report is written
                 text, _ = report.write_report(result, output_dir)
             except OSError as err:
                 raise rundir.CannotWrite(f"cannot write the report in {output_dir} ({err.strerror or err})") from None
-            plots = report.Plots(output_dir, say=say)
-            plots.finish(result, test.host_images, records=None)
+            finally:
+                plots.close()
             say(text)
             say(f"accuracy {result.accuracy:.4f} on {len(result.labels)} test images; report and plots in {output_dir}")
     except cli.USER_ERROR_TYPES as err:

@@ -55,7 +55,9 @@ REDRAW_EVERY_S = 30.0
 class Plots:
     """The plots of one directory, drawn by a child process (dist_resnet.report as __main__)
     from a request of plain arrays. draw() while a drawing runs, or sooner than redraw_every_s
-    after the last one began, is skipped; finish() draws the final evaluation and waits."""
+    after the last one began, is skipped, unless the evaluation is the final one: its drawing
+    starts at once, so that it goes on while the run writes its weights and its report.
+    finish() draws the final evaluation unless drawn already, and waits."""
 
     def __init__(self, directory: Path, say=print, redraw_every_s: float = REDRAW_EVERY_S):
         self.directory, self.say, self.redraw_every_s = Path(directory), say, redraw_every_s
@@ -65,11 +67,11 @@ class Plots:
         self.began = -math.inf
         self.warned: set[str] = set()
 
-    def draw(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
-        if self.child is not None and self.child.poll() is None:
+    def draw(self, evaluation: Evaluation, test_images, records: list[dict] | None, final: bool = False) -> None:
+        if not final and self.child is not None and self.child.poll() is None:
             return
         self._collect()
-        if time.monotonic() - self.began >= self.redraw_every_s:
+        if final or time.monotonic() - self.began >= self.redraw_every_s:
             self._start(evaluation, test_images, records)
 
     def finish(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> dict:

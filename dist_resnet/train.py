@@ -357,7 +357,8 @@ class Run:
                  **self.evaluate_ema())
         self.track_best()
         if self.is_main:
-            self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records())
+            self.plots.draw(self.evaluation, self.test_images_host, self.metrics.records(),
+                            final=epoch == self.config.epochs)
             self.say(f"epoch {epoch}/{self.config.epochs}: test accuracy {self.evaluation.accuracy:.4f}, "
                      f"loss {self.evaluation.loss:.4f}" + self.ema_summary())
         self.window.restart_clock()  # evaluation time is not training throughput

@@ -117,6 +117,23 @@ def test_interim_plots_are_redrawn_at_most_every_so_often(tmp_path):
     assert drawn[report.REDRAW_EVERY_S] is first and drawn[0] is second
 
 
+def test_the_final_evaluation_is_drawn_at_once_whatever_came_before(tmp_path):
+    """The final evaluation's drawing starts at once, a drawing under way or not, and so goes
+    on while the run writes its report; finish() then only waits for it."""
+    from dist_resnet import report
+
+    test_images = np.zeros((20, 1, 8, 8), np.uint8)
+    interim, final = evaluation(3), evaluation(5)
+    plots_ = report.Plots(tmp_path, say=pytest.fail)
+    plots_.draw(interim, test_images, None)
+    plots_.draw(final, test_images, None, final=True)  # the interim drawing is still running
+    assert plots_.drawn_for is final and plots_.child.poll() is None
+    child, began = plots_.child, plots_.began
+    plots_.finish(final, test_images, None)
+    assert child.returncode == 0 and plots_.child is None
+    assert plots_.drawn_for is final and plots_.began == began  # waited for, not drawn again
+
+
 def test_a_plot_that_cannot_be_written_is_one_warning_and_the_others_are_drawn(tmp_path):
     from dist_resnet import report
 
