@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +137,40 @@ def two_process_reference(mnist_dir, tmp_path_factory) -> Path:
     result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *RESUME_ARGS, "--report-to", "none",
                                "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, describe(result)
+    return out
+
+
+# tests/test_equivalence.py's run, which its one-process reference repeats: the values it
+# repeats, and train.py's options. 10 steps of one epoch, no ragged batch.
+EQUIVALENCE = {"widths": (4, 8, 8), "batch": 48, "train_limit": 480, "lr": 2e-3, "seed": 7}
+EQUIVALENCE_ARGS = ["--widths", "4,8,8", "--batch-size", 48, "--train-limit", 480, "--test-limit", 64, "--lr", 2e-3,
+                    "--seed", 7, "--epochs", 1, "--log-every", 1, "--no-download", "--report-to", "none"]
+
+
+@pytest.fixture(scope="session")
+def compiled_resumed_run(mnist_dir, tmp_path_factory) -> Path:
+    """A compiled 2-process torchrun of EQUIVALENCE_ARGS, stopped by SIGUSR1 to rank 1 while its
+    first step compiles, then resumed with the node's inductor cache directory emptied (as on
+    a new node): its output directory, with cold.log and warm.log beside it. Shared by the
+    compiled equivalence check and the warm-start check: compiling takes tens of seconds on a
+    CPU. The key and the inductor cache directory are the fixture's own."""
+    base = tmp_path_factory.mktemp("compiled")
+    out, inductor = base / "out", base / "inductor"
+    env = {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor), "XDG_CACHE_HOME": str(base / "xdg")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, TRAIN_PY,
+               "--data-dir", mnist_dir, *EQUIVALENCE_ARGS, "--compile", "--output-dir", out]
+    cold = start(command, base / "cold.log", env=env)
+    # The progress bar is drawn once every rank is in the loop, its signal handlers installed;
+    # the first step then compiles for seconds, and the stop comes a step or two after it.
+    wait_for(lambda: "| 0/10 [" in (base / "cold.log").read_text() or cold.poll() is not None, timeout=300,
+             what="the training loop")
+    time.sleep(1.0)
+    os.kill(worker_pids(str(out))[1], signal.SIGUSR1)
+    assert cold.wait(timeout=600) == 0, (base / "cold.log").read_text()[-3000:]
+    for path in sorted(inductor.rglob("*"), reverse=True):  # a new node: nothing compiled there
+        path.rmdir() if path.is_dir() else path.unlink()
+    warm = start([*command, "--resume", "auto"], base / "warm.log", env=env)
+    assert warm.wait(timeout=600) == 0, (base / "warm.log").read_text()[-3000:]
     return out
 
 

@@ -1,22 +1,20 @@
 """Compiled artifacts that travel with a run (dist_resnet/compile_cache.py): the per-user key,
 the MAC and environment checks made before anything is unpacked or unpickled, the refusal of a
 foreign run's artifact, refreshing, concurrent writers of one store, and (slow) a compiled run
-stopped by SIGTERM and resumed warm on an emptied inductor cache directory."""
+stopped by a signal and resumed warm on an emptied inductor cache directory."""
 
 import io
 import json
 import multiprocessing
 import os
 import pickle
-import signal
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUICK, TRAIN_PY, parse_error, start, train_records, wait_for
+from conftest import parse_error, train_records
 from dist_resnet import compile_cache
 from dist_resnet.compile_cache import Refused, Store, WarmStart
 
@@ -186,32 +184,20 @@ def test_two_processes_writing_one_store_at_once_never_leave_a_bad_artifact(tmp_
 
 
 @pytest.mark.slow
-def test_a_compiled_run_resumed_on_an_emptied_inductor_directory_starts_warm(mnist_dir, tmp_path):
-    """Slow (two compiling train.py processes, tens of seconds each on a CPU): a compiled run
-    stopped by SIGTERM after its first step, then resumed with the node's inductor cache
-    directory emptied, as on a new node. Its startup record says warm; each piece wrote one."""
-    out, inductor = tmp_path / "out", tmp_path / "inductor"
-    args = [sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--widths", "4", "--epochs", "1", "--compile",
-            "--report-to", "none", "--checkpoint-every", "1", "--output-dir", out]
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor), "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
-    cold = start(args, tmp_path / "cold.log", env=env)
-    wait_for(lambda: "first step after" in (tmp_path / "cold.log").read_text() or cold.poll() is not None,
-             timeout=600, interval=0.5, what="the first step")
-    cold.send_signal(signal.SIGTERM)
-    assert cold.wait(timeout=300) == 0, (tmp_path / "cold.log").read_text()
-    log = (tmp_path / "cold.log").read_text()
-    assert "compile cache: cold" in log and "stopped by SIGTERM" in log, log
+def test_a_compiled_run_resumed_on_an_emptied_inductor_directory_starts_warm(compiled_resumed_run):
+    """Slow (two compiling launches, tens of seconds each on a CPU; shared with
+    tests/test_equivalence.py): a compiled 2-process run stopped by a signal in its first
+    step, then resumed with the node's inductor cache directory emptied, as on a new node. Its
+    startup record says warm; each piece wrote one."""
+    out = compiled_resumed_run
+    cold, warm = ((out.parent / name).read_text() for name in ("cold.log", "warm.log"))
+    assert "compile cache: cold" in cold and "stopped by SIGUSR1" in cold, cold[-3000:]
     assert list((out / compile_cache.RUN_DIR).glob("*.json"))
-
-    for path in sorted(inductor.rglob("*"), reverse=True):  # a new node: nothing compiled there
-        path.rmdir() if path.is_dir() else path.unlink()
-    warm = start([*args, "--resume", "auto"], tmp_path / "warm.log", env=env)
-    assert warm.wait(timeout=600) == 0, (tmp_path / "warm.log").read_text()
     records = train_records(out, "startup")
     assert [r["compile_cache"] for r in records] == ["cold", "warm"], records
     assert [r["resumed"] for r in records] == [False, True]
     for record in records:
         assert record["to_first_step_s"] >= record["compile_s"] > 0
         assert {"imports_s", "data_s", "setup_s", "first_step_s"} <= record.keys()
-    assert "compile cache: warm" in (tmp_path / "warm.log").read_text()
+    assert "compile cache: warm" in warm, warm[-3000:]
     assert (out / "model.safetensors").is_file()
