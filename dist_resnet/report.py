@@ -57,15 +57,26 @@ class Plots:
     from a request of plain arrays. draw() while a drawing runs, or sooner than redraw_every_s
     after the last one began, is skipped, unless the evaluation is the final one: its drawing
     starts at once, so that it goes on while the run writes its weights and its report.
-    finish() draws the final evaluation unless drawn already, and waits."""
+    finish() draws the final evaluation unless drawn already, and waits; close() waits for a
+    drawing under way and ends the child started ahead (prepare()), if any."""
 
     def __init__(self, directory: Path, say=print, redraw_every_s: float = REDRAW_EVERY_S):
         self.directory, self.say, self.redraw_every_s = Path(directory), say, redraw_every_s
-        self.child: subprocess.Popen | None = None
-        self.request: Path | None = None  # the running child's request directory
+        self.child: subprocess.Popen | None = None  # the child drawing a request
+        self.spare: subprocess.Popen | None = None  # a child started ahead, waiting for a request
+        self.request: Path | None = None  # the drawing child's request directory
         self.drawn_for = None  # the evaluation the last drawing was of
         self.began = -math.inf
         self.warned: set[str] = set()
+
+    def prepare(self) -> None:
+        """Start the child that will draw the next request now: its interpreter and matplotlib
+        load while the run trains (about a second of imports), not after an evaluation."""
+        if self.spare is None and self._drawable():
+            try:
+                self.spare = self._spawn()
+            except OSError:  # said, if it persists, when a drawing is due
+                self.spare = None
 
     def draw(self, evaluation: Evaluation, test_images, records: list[dict] | None, final: bool = False) -> None:
         if not final and self.child is not None and self.child.poll() is None:
@@ -73,6 +84,8 @@ class Plots:
         self._collect()
         if final or time.monotonic() - self.began >= self.redraw_every_s:
             self._start(evaluation, test_images, records)
+        if not final:
+            self.prepare()
 
     def finish(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> dict:
         """The plots of this (final) evaluation, drawn unless drawn already; name -> path of
@@ -84,14 +97,39 @@ class Plots:
         return {name[:-4]: self.directory / name for name in PLOTS if (self.directory / name).is_file()}
 
     def close(self) -> None:
-        """Waits for a drawing under way (seconds), so that no child outlives the run."""
+        """Waits for a drawing under way (seconds), so that no child outlives the run; the
+        child started ahead has no request, writes nothing, and is ended at once."""
         self._collect()
+        if self.spare is not None:
+            self.spare.kill()
+            self.spare.wait()
+            for pipe in (self.spare.stdin, self.spare.stdout):
+                pipe.close()
+            self.spare = None
 
-    def _start(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
+    def _drawable(self) -> bool:
         try:
             require("matplotlib", "Drawing plots", "do without them", import_it=False)
         except MissingPackage as err:
             self._warn("matplotlib", f"warning: no plots: {err}")
+            return False
+        return True
+
+    def _spawn(self) -> subprocess.Popen:
+        # The child imports this very copy of the package: `python -m` would put the current
+        # directory first, and a checkout there would win over the one running.
+        root = str(Path(__file__).resolve().parent.parent)
+        return subprocess.Popen(
+            [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+             "runpy.run_module('dist_resnet.report', run_name='__main__')", root, str(self.directory.resolve())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # One line is written to it, the request; then the child sees its end of the pipe
+            # close when this process ends, however it ends, and writes nothing more (_parent_gone).
+            stdin=subprocess.PIPE, text=True,
+            start_new_session=True)  # a terminal's Ctrl-C goes to the run only
+
+    def _start(self, evaluation: Evaluation, test_images, records: list[dict] | None) -> None:
+        if not self._drawable():
             return
         shown = evaluation.mistakes(MISCLASSIFIED_SHOWN)
         self.request = Path(tempfile.mkdtemp(prefix="dist-resnet-plots-"))
@@ -102,32 +140,30 @@ class Plots:
                      else np.zeros((0, 1, 1), np.uint8))
             (self.request / "request.json").write_text(json.dumps(
                 {"class_names": list(evaluation.class_names), "records": records}))
-            # The child imports this very copy of the package: `python -m` would put the current
-            # directory first, and a checkout there would win over the one running.
-            root = str(Path(__file__).resolve().parent.parent)
-            self.child = subprocess.Popen(
-                [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-                 "runpy.run_module('dist_resnet.report', run_name='__main__')", root, str(self.request),
-                 str(self.directory.resolve())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                # Never written to: the child sees its end of the pipe close when this process
-                # ends, however it ends, and then writes nothing more (_parent_gone).
-                stdin=subprocess.PIPE, text=True,
-                start_new_session=True)  # a terminal's Ctrl-C goes to the run only
+            self.child, self.spare = self.spare or self._spawn(), None
         except OSError as err:  # a full temporary disk, too many processes: plots are never a failure
             self._warn("start", f"warning: no plots drawn ({err.strerror or err})")
             shutil.rmtree(self.request, ignore_errors=True)
             self.child = self.request = None
             return
+        try:
+            self.child.stdin.write(f"{self.request}\n")
+            self.child.stdin.flush()
+        except OSError:  # the child has ended already: _collect says how
+            pass
         self.drawn_for, self.began = evaluation, time.monotonic()
 
     def _collect(self) -> None:
-        """Wait for the child, if any; say its warnings (once per plot) and remove its request."""
+        """Wait for the drawing child, if any; say its warnings (once per plot) and remove its request."""
         if self.child is None:
             return
         output = self.child.stdout.read()  # not communicate(): it would close stdin first
         self.child.wait()
         self.child.stdout.close()
-        self.child.stdin.close()
+        try:
+            self.child.stdin.close()
+        except OSError:  # the request line it never read
+            pass
         lines = output.splitlines()
         for line in lines:
             key, _, message = line.partition("\t")
@@ -182,10 +218,14 @@ def _parent_gone() -> bool:
     return bool(select.select([sys.stdin], [], [], 0)[0])
 
 
-if __name__ == "__main__":  # the child Plots starts, with arguments REQUEST DIRECTORY
+if __name__ == "__main__":  # the child Plots starts, with argument DIRECTORY; the request's path comes on stdin
     # A stop signal is for the run (Slurm signals every process of a job): a drawing under way
     # ends in a second or so, and the stopping run waits for it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("\n".join(draw_request(Path(sys.argv[1]), Path(sys.argv[2]), wanted=lambda: not _parent_gone())),
-          flush=True)
+    from dist_resnet import plots  # noqa: F401  loaded while the run trains, before a request comes
+
+    request = sys.stdin.readline().strip()
+    if request:  # none: the run ended without a drawing for this child
+        print("\n".join(draw_request(Path(request), Path(sys.argv[1]), wanted=lambda: not _parent_gone())),
+              flush=True)

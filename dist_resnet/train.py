@@ -218,6 +218,7 @@ class Run:
                 self.trackers.close()
                 raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
         self.plots = report.Plots(self.output_dir, say=self.say)
+        self.plots.prepare()  # the child that draws the first evaluation loads while the run trains
 
     def _warm_start(self) -> "compile_cache.WarmStart | bool":
         """--compile: load the compiled artifacts this user's runs left, on every rank, before
@@ -591,4 +592,4 @@ def _now() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.end(main())
