@@ -1,3 +1,4 @@
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -53,6 +54,15 @@ def torchrun(nproc: int, script: Path, *args, **kw) -> subprocess.CompletedProce
     """A real `torchrun --standalone` (it picks its own free rendezvous port)."""
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", nproc, script, *args], **kw)
+
+
+def run_together(jobs: dict) -> dict:
+    """{key: job()} for callables that each start and wait for a command, run at once: a
+    launch of a few processes leaves part of the CPU idle (imports, ranks waiting on each
+    other), so a fixture of several launches waits for about the slowest, not their sum."""
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def describe(result: subprocess.CompletedProcess) -> str:

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run, train_here
+from conftest import (QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run,
+                      run_together, train_here)
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
 from dist_resnet import data, datasets
 from dist_resnet.config import ADDED_OPTIONS, Config
@@ -56,9 +57,9 @@ def launched(data_dirs, tmp_path_factory) -> dict:
     trains in process below, and both ImageFolder paths feed the same batches to 2 ranks.)"""
     out = tmp_path_factory.mktemp("launched")
     jobs = {"cifar10": ("cifar10", []), "imagefolder": ("imagefolder", ["--data-path", "stream", "--workers", "1"])}
-    return {key: (accelerate_launch(2, TRAIN_PY, *TINY, "--dataset", name, "--data-dir", data_dirs[name],
-                                    "--output-dir", out / key, *extra), out / key)
-            for key, (name, extra) in jobs.items()}
+    return run_together({key: lambda name=name, extra=extra, key=key: (accelerate_launch(
+        2, TRAIN_PY, *TINY, "--dataset", name, "--data-dir", data_dirs[name], "--output-dir", out / key, *extra),
+        out / key) for key, (name, extra) in jobs.items()})
 
 
 @pytest.mark.parametrize("key", ["fashion-mnist", "kmnist", "cifar10", "imagefolder"])

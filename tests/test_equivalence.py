@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import sync_bn_check
-from conftest import EQUIVALENCE, EQUIVALENCE_ARGS, TRAIN_PY, accelerate_launch, describe, torchrun
+from conftest import EQUIVALENCE, EQUIVALENCE_ARGS, TRAIN_PY, accelerate_launch, describe, run_together, torchrun
 from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import ResNet
 
@@ -91,14 +91,15 @@ def launched(mnist_dir, tmp_path_factory):
     """Launches more than one test reads: key -> (the result, its output directory). The runs
     of 1 and 3 processes checkpoint at step 5 (a checkpoint changes nothing of the training),
     for the resumes on another process count."""
-    runs = {}
-    for key, launch, nproc, extra in (("torchrun-2", torchrun, 2, []),
-                                      ("torchrun-3", torchrun, 3, ["--checkpoint-every", 5]),
-                                      ("accelerate-1", accelerate_launch, 1, ["--checkpoint-every", 5])):
-        out = tmp_path_factory.mktemp("equivalence") / key
-        runs[key] = launch(nproc, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, *extra, "--output-dir", out,
-                           env=ONE_THREAD), out
-    return runs
+    root = tmp_path_factory.mktemp("equivalence")
+
+    def start(key, launch, nproc, extra):
+        return launch(nproc, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, *extra, "--output-dir", root / key,
+                      env=ONE_THREAD), root / key
+
+    jobs = (("torchrun-2", torchrun, 2, []), ("torchrun-3", torchrun, 3, ["--checkpoint-every", 5]),
+            ("accelerate-1", accelerate_launch, 1, ["--checkpoint-every", 5]))
+    return run_together({job[0]: (lambda job=job: start(*job)) for job in jobs})
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

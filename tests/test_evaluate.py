@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import describe, torchrun
+from conftest import describe, run_together, torchrun
 from dist_resnet.data import normalize
 from dist_resnet.metrics import Evaluation, deduplicate
 from dist_worker import fixed_model, fixed_test_set
@@ -57,13 +57,16 @@ LAUNCHES = {2: [(101, 7)], 3: [(101, 8), (10, 64)], 4: [(101, 5)]}
 def launched(tmp_path_factory) -> dict:
     """world_size -> (the torchrun result, its output directory): one launch per process
     count for all its cases, the 2-process one also with the BatchNorm statistics check."""
-    results = {}
-    for world_size, cases in LAUNCHES.items():
-        out = tmp_path_factory.mktemp(f"gathered-{world_size}")
+    root = tmp_path_factory.mktemp("gathered")
+
+    def launch(world_size, cases):
+        out = root / str(world_size)
+        out.mkdir()
         extra = ["--buffers"] if world_size == 2 else []
-        results[world_size] = torchrun(world_size, WORKER, out, "--cases", ",".join(f"{n}:{b}" for n, b in cases),
-                                       *extra, timeout=180), out
-    return results
+        return torchrun(world_size, WORKER, out, "--cases", ",".join(f"{n}:{b}" for n, b in cases), *extra,
+                        timeout=300), out
+
+    return run_together({world_size: lambda w=world_size, c=cases: launch(w, c) for world_size, cases in LAUNCHES.items()})
 
 
 def test_one_process_evaluates_every_sample_once(accelerator, tmp_path):
