@@ -116,11 +116,48 @@ def train_records(out: Path, event: str = "train") -> list[dict]:
     return [r for r in (json.loads(line) for line in lines if line.strip()) if r["event"] == event]
 
 
-@pytest.fixture(scope="session")
-def trained_run(mnist_dir, tmp_path_factory) -> Path:
+# The launches that tests of several modules read, each started once, in the background, as
+# soon as the session begins if a selected test needs it (launches_ahead): one after another
+# in the order the tests need them, on the core that the in-process tests leave idle. A test
+# waits for its launch only if the launch has not ended by the time the test comes.
+AHEAD = {}  # fixture name -> function(mnist_dir, a directory of its own) -> the fixture's value
+
+
+def launched_ahead(function):
+    """The session fixture named after function (_NAME: NAME), whose value function computes ahead."""
+    name = function.__name__.removeprefix("_")
+    AHEAD[name] = function
+
+    @pytest.fixture(scope="session", name=name)
+    def fixture(launches_ahead):
+        return launches_ahead[name].result()
+
+    fixture.__doc__ = function.__doc__
+    return fixture
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launches_ahead(request, tmp_path_factory) -> dict:
+    """{fixture name: the future of its launch} for the AHEAD fixtures the selected tests need."""
+    items = request.session.items
+    needed = sorted((name for name in AHEAD if any(name in item.fixturenames for item in items)),
+                    key=lambda name: next(i for i, item in enumerate(items) if name in item.fixturenames))
+    if not needed:
+        yield {}
+        return
+    mnist = request.getfixturevalue("mnist_dir")
+    places = {name: tmp_path_factory.mktemp(name) for name in needed}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        futures = {name: pool.submit(AHEAD[name], mnist, places[name]) for name in needed}
+        yield futures
+        for future in futures.values():
+            future.cancel()  # those not begun (a run stopped early): the one under way ends
+
+
+def _trained_run(mnist_dir: Path, base: Path) -> Path:
     """One real 2-process `accelerate launch` training run, shared by the tests that check
     its outputs (training once keeps the suite short): 4 epochs, W&B offline and TensorBoard."""
-    out = tmp_path_factory.mktemp("trained") / "out"
+    out = base / "out"
     result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--epochs", "4",
                                "--report-to", "all", "--wandb-mode", "offline", "--run-name", "tracked",
                                "--tags", "ci,cpu", "--notes", "from the tests", "--group", "suite",
@@ -128,6 +165,9 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, describe(result)
     (out / "launch.log").write_text(result.stdout)
     return out
+
+
+trained_run = launched_ahead(_trained_run)
 
 
 # The runs that are interrupted and resumed (tests/test_checkpoint.py, tests/test_slurm.py):
@@ -139,15 +179,17 @@ RESUME_ARGS = ["--widths", "4,8,8", "--batch-size", "64", "--lr", "2e-3", "--sch
 RESUME_STEPS = 60
 
 
-@pytest.fixture(scope="session")
-def two_process_reference(mnist_dir, tmp_path_factory) -> Path:
+def _two_process_reference(mnist_dir: Path, base: Path) -> Path:
     """An uninterrupted 2-process `accelerate launch` of RESUME_ARGS (one thread each), that the
     interrupted and resumed 2-process runs must end exactly as: started once for the session."""
-    out = tmp_path_factory.mktemp("reference") / "run-2"
+    out = base / "run-2"
     result = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *RESUME_ARGS, "--report-to", "none",
                                "--output-dir", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, describe(result)
     return out
+
+
+two_process_reference = launched_ahead(_two_process_reference)
 
 
 # tests/test_equivalence.py's run, which its one-process reference repeats: the values it
@@ -157,14 +199,12 @@ EQUIVALENCE_ARGS = ["--widths", "4,8,8", "--batch-size", 48, "--train-limit", 48
                     "--seed", 7, "--epochs", 1, "--log-every", 1, "--no-download", "--report-to", "none"]
 
 
-@pytest.fixture(scope="session")
-def compiled_resumed_run(mnist_dir, tmp_path_factory) -> Path:
+def _compiled_resumed_run(mnist_dir: Path, base: Path) -> Path:
     """A compiled 2-process torchrun of EQUIVALENCE_ARGS, stopped by SIGUSR1 to rank 1 while its
     first step compiles, then resumed with the node's inductor cache directory emptied (as on
     a new node): its output directory, with cold.log and warm.log beside it. Shared by the
     compiled equivalence check and the warm-start check: compiling takes tens of seconds on a
     CPU. The key and the inductor cache directory are the fixture's own."""
-    base = tmp_path_factory.mktemp("compiled")
     out, inductor = base / "out", base / "inductor"
     env = {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor), "XDG_CACHE_HOME": str(base / "xdg")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, TRAIN_PY,
@@ -182,6 +222,9 @@ def compiled_resumed_run(mnist_dir, tmp_path_factory) -> Path:
     warm = start([*command, "--resume", "auto"], base / "warm.log", env=env)
     assert warm.wait(timeout=600) == 0, (base / "warm.log").read_text()[-3000:]
     return out
+
+
+compiled_resumed_run = launched_ahead(_compiled_resumed_run)
 
 
 @pytest.fixture(scope="session")
