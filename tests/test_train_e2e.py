@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 import wandb_records
-from conftest import REPO, TRAIN_PY, describe, free_port, run
+from conftest import REPO, TRAIN_PY, describe, free_port, run, run_together
 from dist_resnet.model import ResNet
 
 TEST_SIZE = 301
@@ -82,16 +82,27 @@ def test_wandb_offline_run_recorded_the_metrics(two_process_run):
     assert config["world_size"] == 2 and config["lr"] == 3e-3
 
 
+@pytest.fixture(scope="module")
+def debug_runs(mnist_dir, tmp_path_factory) -> dict:
+    """nproc -> (result, output directory) of the --debug runs below, started at once."""
+    root = tmp_path_factory.mktemp("debug")
+
+    def debug_run(nproc):
+        out = root / f"debug-{nproc}"
+        args = ["--debug", "--data-dir", mnist_dir, "--no-download", "--report-to", "none", "--output-dir", out]
+        return run([sys.executable, TRAIN_PY, *args] if nproc == 1 else
+                   [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    REPO / "launch" / "cpu_multi.yaml", "--main_process_port", free_port(), TRAIN_PY, *args]), out
+
+    return run_together({nproc: lambda nproc=nproc: debug_run(nproc) for nproc in (1, 2)})
+
+
 @pytest.mark.slow  # a whole --debug run started as users start it (conftest.trained_run is the quick one)
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_debug_run_learns(mnist_dir, tmp_path, nproc):
+def test_debug_run_learns(debug_runs, nproc):
     """`python dist_resnet/train.py --debug`, and the README's 2-process CPU debug launch, pass
     through every stage in seconds and learn: far above the 10% of chance on the test digits."""
-    out = tmp_path / "debug"
-    args = ["--debug", "--data-dir", mnist_dir, "--no-download", "--report-to", "none", "--output-dir", out]
-    result = run([sys.executable, TRAIN_PY, *args] if nproc == 1 else
-                 [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO / "launch" / "cpu_multi.yaml",
-                  "--main_process_port", free_port(), TRAIN_PY, *args])
+    result, out = debug_runs[nproc]
     assert result.returncode == 0, describe(result)
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == nproc and config["epochs"] == 1 and config["widths"] == [8, 16, 32]
