@@ -19,7 +19,7 @@ from conftest import EQUIVALENCE, EQUIVALENCE_ARGS, TRAIN_PY, accelerate_launch,
 from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
 from dist_resnet.model import ResNet
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # every test reads real multi-process launches (torchrun, accelerate launch)
 
 WIDTHS, BATCH, TRAIN_LIMIT, LR, SEED = EQUIVALENCE.values()
 ARGS = EQUIVALENCE_ARGS

@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import wandb_records
-from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, in_process, run
+from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, in_process, run, run_together
 from dist_resnet import rundir
 from dist_resnet.data import random_affine
 
@@ -179,11 +179,28 @@ def test_evaluate_on_an_interrupted_run_uses_its_newest_checkpoint(tracked_run, 
 NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}
 
 
+@pytest.fixture(scope="module")
+def wandb_runs(mnist_dir, tmp_path_factory) -> dict:
+    """case -> (result, output directory, W&B directory) of the train.py processes below, each
+    with W&B and its service process, started at once: one of them waits out WANDB_INIT_TIMEOUT."""
+    root = tmp_path_factory.mktemp("wandb")
+    cases = {"wandb dir": ([], {"WANDB_DIR": str(root / "wandb-files")}),
+             "no credentials": (["--wandb-mode", "online"], NO_CREDENTIALS),
+             "no server": ([], {**NO_CREDENTIALS, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+                                "WANDB_INIT_TIMEOUT": "5"})}
+
+    def train(case):
+        extra, env = cases[case]
+        out = root / case.replace(" ", "-")
+        return run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
+                    *extra, "--output-dir", out], env=env), out, root / "wandb-files"
+
+    return run_together({case: lambda case=case: train(case) for case in cases})
+
+
 @pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run
-def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist_dir, tmp_path):
-    out, wandb_dir = tmp_path / "out", tmp_path / "wandb-files"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
-                  "--output-dir", out], env={"WANDB_DIR": str(wandb_dir)})
+def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(wandb_runs):
+    result, out, wandb_dir = wandb_runs["wandb dir"]
     assert result.returncode == 0, describe(result)
     printed = Path(result.stdout.split("wandb sync ")[1].split()[0])  # every piece of the run: one here
     (piece,) = printed.parent.glob(printed.name)
@@ -193,23 +210,17 @@ def test_wandb_dir_is_respected_and_the_printed_sync_command_names_the_run(mnist
 
 
 @pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run
-def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(mnist_dir, tmp_path):
-    out = tmp_path / "out"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
-                  "--wandb-mode", "online", "--output-dir", out], env=NO_CREDENTIALS)
+def test_wandb_online_without_credentials_is_one_line_and_leaves_nothing(wandb_runs):
+    result, out, _ = wandb_runs["no credentials"]
     assert_one_line_error(result, 5, "W&B is set to online but no credentials were found")
     assert not out.exists()  # the directory it made is gone: free for the retry
 
 
 @pytest.mark.slow  # a train.py process of its own with W&B (a service process, seconds); the W&B files are read back in the quick subset from conftest.trained_run; waits out WANDB_INIT_TIMEOUT
-def test_wandb_without_a_server_falls_back_to_offline(mnist_dir, tmp_path):
+def test_wandb_without_a_server_falls_back_to_offline(wandb_runs):
     """An API key, but a server that refuses every connection: after WANDB_INIT_TIMEOUT seconds
     the run logs offline instead, and trains to the end."""
-    out = tmp_path / "out"
-    result = run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
-                  "--output-dir", out],
-                 env={**NO_CREDENTIALS, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-                      "WANDB_INIT_TIMEOUT": "5"})
+    result, out, _ = wandb_runs["no server"]
     assert result.returncode == 0, describe(result)
     assert "W&B could not reach its server" in result.stdout and "logging offline instead" in result.stdout
     history = wandb_records.history(wandb_records.run_file(out))

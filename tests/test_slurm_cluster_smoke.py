@@ -2,7 +2,7 @@
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # starts a Slurm cluster (its daemons) for the session
 pytest_plugins = ["slurm_cluster"]  # the session-wide `slurm_cluster` fixture
 
 
