@@ -194,10 +194,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_twice_stops_at_once(reference_runs, 
     assert result.returncode == 0, describe(result)
     assert_same_weights(out, reference_runs[1])
 
-    # Steps of seconds (the full-width model), so that the run is still in its step when
-    # the second Ctrl-C comes.
+    # Steps of seconds (the full-width model, one thread), so that the run is still in its
+    # step when the second Ctrl-C comes.
     again = tmp_path / "again"
-    args = ["--data-dir", mnist_dir, "--batch-size", "512", "--log-every", "1", "--no-download",
+    args = ["--data-dir", mnist_dir, "--batch-size", "256", "--log-every", "1", "--no-download",
             "--report-to", "none", "--output-dir", again]
     process = start(launch_command(1, *args), tmp_path / "again.log", env=ONE_THREAD)
     wait_for(lambda: train_records(again), timeout=120, what="a first step")

@@ -88,18 +88,37 @@ def _reference_run(images, labels, world_size: int, epochs: int, then: tuple[int
 
 @pytest.fixture(scope="module")
 def launched(mnist_dir, tmp_path_factory):
-    """Launches more than one test reads: key -> (the result, its output directory). The runs
-    of 1 and 3 processes checkpoint at step 5 (a checkpoint changes nothing of the training),
-    for the resumes on another process count."""
+    """Launches more than one test reads, started at once: key -> (the result, its output
+    directory). The runs of 1 and 3 processes checkpoint at step 5 (a checkpoint changes
+    nothing of the training), for the resumes on another process count."""
     root = tmp_path_factory.mktemp("equivalence")
 
-    def start(key, launch, nproc, extra):
+    def start(key, launch, nproc, extra, env):
         return launch(nproc, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, *extra, "--output-dir", root / key,
-                      env=ONE_THREAD), root / key
+                      env=env), root / key
 
-    jobs = (("torchrun-2", torchrun, 2, []), ("torchrun-3", torchrun, 3, ["--checkpoint-every", 5]),
-            ("accelerate-1", accelerate_launch, 1, ["--checkpoint-every", 5]))
+    jobs = (("torchrun-2", torchrun, 2, [], ONE_THREAD),
+            ("torchrun-3", torchrun, 3, ["--checkpoint-every", 5], ONE_THREAD),
+            ("accelerate-1", accelerate_launch, 1, ["--checkpoint-every", 5], ONE_THREAD),
+            ("accelerate-2", accelerate_launch, 2, [], None))  # the launcher's own thread count
     return run_together({job[0]: (lambda job=job: start(*job)) for job in jobs})
+
+
+RESUMES = [(3, 2), (1, 2)]  # (processes that wrote the checkpoint of step 5, processes that resume it)
+
+
+@pytest.fixture(scope="module")
+def resumed(launched, mnist_dir, tmp_path_factory) -> dict:
+    """(before, after) -> (result, output directory) of the resumes below, started at once."""
+    root = tmp_path_factory.mktemp("resumed")
+
+    def resume(before, after):
+        _, first = launched["accelerate-1" if before == 1 else f"torchrun-{before}"]
+        out = root / f"{before}-{after}"
+        return torchrun(after, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", out,
+                        "--resume", first / "checkpoints" / "step-00000005", env=ONE_THREAD), out
+
+    return run_together({case: lambda case=case: resume(*case) for case in RESUMES})
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -131,14 +150,13 @@ def test_one_process_is_plain_full_batch_training(mnist_dir, launched):
         torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-4, atol=1e-5)
 
 
-def test_same_seed_same_process_count_gives_identical_weights(mnist_dir, tmp_path, launched):
+def test_same_seed_same_process_count_gives_identical_weights(launched):
     """2 processes under `accelerate launch` (and its default threads) train bitwise what 2
     under torchrun trained: the launcher and the thread count change nothing."""
-    result, out = launched["torchrun-2"]
+    (result, out), (again, again_out) = launched["torchrun-2"], launched["accelerate-2"]
     assert result.returncode == 0, describe(result)
-    again = accelerate_launch(2, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", tmp_path / "again")
     assert again.returncode == 0, describe(again)
-    weights = [load_file(d / "model.safetensors") for d in (out, tmp_path / "again")]
+    weights = [load_file(d / "model.safetensors") for d in (out, again_out)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
@@ -160,16 +178,14 @@ def test_compiled_training_still_averages_gradients(mnist_dir, compiled_resumed_
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("before, after", [(3, 2), (1, 2)])
-def test_a_checkpoint_resumes_on_another_process_count(before, after, mnist_dir, tmp_path, launched):
+@pytest.mark.parametrize("before, after", RESUMES)
+def test_a_checkpoint_resumes_on_another_process_count(before, after, mnist_dir, launched, resumed):
     """A checkpoint of step 5 written by `before` processes, resumed by `after`: the same
     batches at the same steps, so the result is the one process that slices batches 1-5 as
     `before` ranks and batches 6-10 as `after` ranks would."""
-    resumed = tmp_path / "resumed"
-    result, first = launched["accelerate-1" if before == 1 else f"torchrun-{before}"]
-    assert result.returncode == 0, describe(result)
-    result = torchrun(after, TRAIN_PY, "--data-dir", mnist_dir, *ARGS, "--output-dir", resumed,
-                      "--resume", first / "checkpoints" / "step-00000005", env=ONE_THREAD)
+    first_result, _ = launched["accelerate-1" if before == 1 else f"torchrun-{before}"]
+    assert first_result.returncode == 0, describe(first_result)
+    result, resumed = resumed[(before, after)]
     assert result.returncode == 0, describe(result)
     assert json.loads((resumed / "config.json").read_text())["world_size"] == after
 

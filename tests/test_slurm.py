@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICK, REPO, RESUME_ARGS, RESUME_STEPS, train_records, wait_for
+from conftest import QUICK, REPO, RESUME_ARGS, RESUME_STEPS, run_together, train_records, wait_for
 
 pytestmark = pytest.mark.slow  # jobs on a real cluster, each starting accelerate launch on its nodes
 pytest_plugins = ["slurm_cluster"]
@@ -40,8 +40,29 @@ def submit(cluster, tmp_path: Path, *args: str, nodes: int = 1):
     return result, job_log(tmp_path)
 
 
-def test_arguments_reach_train_py_and_errors_fail_the_job(slurm_cluster, tmp_path):
-    result, log = submit(slurm_cluster, tmp_path, "--lr", "-1")
+@pytest.fixture(scope="module")
+def one_node_jobs(slurm_cluster, mnist_dir, tmp_path_factory) -> dict:
+    """The one-node jobs below, submitted at once (the cluster runs them side by side): "bad
+    option" -> (sbatch's result, the job's log); "array" -> (sbatch's result, the tasks' log,
+    the directory the array was submitted from: runs/ goes there)."""
+    root = tmp_path_factory.mktemp("jobs")
+    bad, array, submitted = root / "bad", root / "array", root / "array" / "submit"
+    for directory in (bad, array, submitted):
+        directory.mkdir()
+
+    def array_job():
+        result = slurm_cluster.run(
+            "sbatch", "--wait", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+            f"--output={array}/slurm-%A_%a.out", SBATCH, "--data-dir", str(mnist_dir), *QUICK,
+            "--train-limit", "512", "--epochs", "1", "--seed", "{task}", "--report-to", "wandb",
+            cwd=submitted, env=job_env(slurm_cluster, TRAIN_PY=str(REPO / "dist_resnet" / "train.py")), timeout=600)
+        return result, job_log(array), submitted
+
+    return run_together({"bad option": lambda: submit(slurm_cluster, bad, "--lr", "-1"), "array": array_job})
+
+
+def test_arguments_reach_train_py_and_errors_fail_the_job(one_node_jobs):
+    result, log = one_node_jobs["bad option"]
     assert result.returncode != 0
     assert "argument --lr: expected a positive finite number" in log
 
@@ -87,21 +108,15 @@ def test_two_nodes_train_one_run_that_a_time_limit_requeues_and_resumes_exactly(
     assert all(torch.equal(got[name], want[name]) for name in want)
 
 
-def test_a_job_array_gives_each_task_its_run_and_one_summary(slurm_cluster, mnist_dir, tmp_path):
+def test_a_job_array_gives_each_task_its_run_and_one_summary(one_node_jobs, slurm_cluster, tmp_path):
     """`sbatch --array=0-1 ... --seed {task}`: two runs, each in its own directory with its
     own seed and W&B run, in one W&B group; the summary table covers both, and a task
     directory that is missing is reported, not a crash."""
-    submitted = tmp_path / "submit"  # the submission directory: runs/ goes there
-    submitted.mkdir()
-    result = slurm_cluster.run(
-        "sbatch", "--wait", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
-        f"--output={tmp_path}/slurm-%A_%a.out", SBATCH, "--data-dir", str(mnist_dir), *QUICK,
-        "--train-limit", "512", "--epochs", "1", "--seed", "{task}", "--report-to", "wandb",
-        cwd=submitted, env=job_env(slurm_cluster, TRAIN_PY=str(REPO / "dist_resnet" / "train.py")), timeout=600)
-    assert result.returncode == 0, result.stderr + job_log(tmp_path) + slurm_cluster.log_tails()
+    result, log, submitted = one_node_jobs["array"]
+    assert result.returncode == 0, result.stderr + log + slurm_cluster.log_tails()
     array_id = result.stdout.split()[-1]
     tasks = sorted((submitted / "runs" / f"array-{array_id}").glob("task-*"))
-    assert [t.name for t in tasks] == ["task-0", "task-1"], job_log(tmp_path)
+    assert [t.name for t in tasks] == ["task-0", "task-1"], log
     for index, task in enumerate(tasks):
         config = json.loads((task / "config.json").read_text())
         assert config["seed"] == index and config["group"] == f"array-{array_id}"

@@ -12,17 +12,35 @@ from conftest import describe, run, torchrun
 WORKER = Path(__file__).resolve().parent / "stop_worker.py"
 
 
-@pytest.mark.parametrize("nproc, every, signal_step, expected", [
-    (1, 1, 5, 5),  # one process: the step the signal arrived in
-    # Slow: 3-process torchrun groups, since what is checked is the agreement between ranks.
-    pytest.param(3, 1, 5, 6, marks=pytest.mark.slow),  # started at step 5, read at step 6
-    pytest.param(3, 3, 5, 9, marks=pytest.mark.slow),  # started at the next check (step 6), read a check later (step 9)
-])
-def test_every_rank_stops_at_the_same_bounded_step(nproc, every, signal_step, expected):
-    args = ["--every", every, "--signal-rank", nproc - 1, "--signal-step", signal_step]
-    result = (torchrun(nproc, WORKER, *args, timeout=120) if nproc > 1
-              else run([sys.executable, WORKER, *args], timeout=120))
+SIGNAL_STEP = 5
+CASES = [  # (processes, --every, the step every rank stops at)
+    (1, 1, 5),  # one process: the step the signal arrived in
+    (3, 1, 6),  # started at step 5, read at step 6
+    (3, 3, 9),  # started at the next check (step 6), read a check later (step 9)
+]
+
+
+@pytest.fixture(scope="module")
+def stopped() -> dict:
+    """(processes, every) -> the steps each rank stopped at: the 3-process cases in one
+    torchrun group, since what is checked is the agreement between ranks (slow: its start)."""
+    args = ["--signal-rank", 2, "--signal-step", SIGNAL_STEP]
+    result = torchrun(3, WORKER, "--every", ",".join(str(e) for n, e, _ in CASES if n == 3), *args, timeout=120)
     assert result.returncode == 0, describe(result)
-    stopped_at = json.loads(result.stdout.strip().splitlines()[-1])["stopped_at"]
-    assert stopped_at == [expected] * nproc, describe(result)
-    assert expected - signal_step <= 2 * every  # the documented bound
+    return {(3, line["every"]): line["stopped_at"]
+            for line in map(json.loads, result.stdout.strip().splitlines()[-2:])}
+
+
+def stops_of_one_process(every: int) -> list:
+    result = run([sys.executable, WORKER, "--every", every, "--signal-rank", 0, "--signal-step", SIGNAL_STEP],
+                 timeout=120)
+    assert result.returncode == 0, describe(result)
+    return json.loads(result.stdout.strip().splitlines()[-1])["stopped_at"]
+
+
+@pytest.mark.parametrize("nproc, every, expected", [
+    case if case[0] == 1 else pytest.param(*case, marks=pytest.mark.slow) for case in CASES])
+def test_every_rank_stops_at_the_same_bounded_step(nproc, every, expected, request):
+    stopped_at = stops_of_one_process(every) if nproc == 1 else request.getfixturevalue("stopped")[(nproc, every)]
+    assert stopped_at == [expected] * nproc
+    assert expected - SIGNAL_STEP <= 2 * every  # the documented bound
