@@ -5,8 +5,10 @@
 #   bash tests/gpu_checks.sh OUT_DIR [STEP ...]     # STEPs: only these (names below)
 #   bash tests/gpu_checks.sh --dry-run OUT_DIR      # rehearsal on CPU: every step, tiny, seconds
 # Each step's result is printed and appended to OUT_DIR/summary.txt the moment it is known, so
-# a run cut off halfway leaves the first results on disk. The step limits add up to 9 minutes;
-# they follow the times measured on an H200 (docs/gpu-checks.md). At the end, OUT_DIR/bundle.tgz
+# a run cut off halfway leaves the first results on disk. The step limits add up to about 15
+# minutes, more than one session's device time: run the first steps, then the rest by name
+# (STEPs). They follow the times measured on an H200 (docs/gpu-checks.md); those of the steps
+# added since (1b, 7, 8) are not measured yet. At the end, OUT_DIR/bundle.tgz
 # holds every result file but weights and checkpoints, for copying off a machine in one piece.
 # Runs from the checkout without installing it; --report-to none (GPU images often lack wandb).
 set -uo pipefail
@@ -62,6 +64,13 @@ else
     [[ $GPUS -ge 2 ]] && step sync_bn_nccl 30 python -m torch.distributed.run --standalone --nproc_per_node 2 \
         tests/sync_bn_check.py --backend nccl --out "$OUT/sync_bn_nccl.json"
 fi
+# 1b. The training paths no GPU run has taken: fp16 (a gradient scaler) with clipping after the
+#    unscaling, and the EMA with gradient accumulation. Each: a pass/fail line (every logged
+#    loss and norm finite, the run's report written) and its accuracy after 3 epochs.
+step fp16_clip_recipe 40 "${TRAIN[@]}" --mixed-precision fp16 --clip-grad 1.0 --epochs 3 --log-every 5 \
+    "${TINY[@]}" --output-dir "$OUT/fp16_clip_recipe"
+step ema_accumulate_recipe 40 "${TRAIN[@]}" --mixed-precision bf16 --ema 0.99 --accumulate 2 --epochs 3 \
+    --log-every 5 "${TINY[@]}" --output-dir "$OUT/ema_accumulate_recipe"
 # 2. The default 60-epoch recipe with the recommended speed options, launch to report, compiled
 #    cold (an empty inductor cache directory); then again on another empty one, warm from the
 #    first run's artifacts in --compile-cache (docs/compile-cache.md). Targets: launch to first
@@ -87,7 +96,17 @@ step host_syncs_fast 35 "${SYNC_CHECK[@]}" --output-dir "$OUT/host_syncs_fast" -
 # 6. The benchmark at 256 per GPU (the 8-GPU share of 2048), with CUDA graphs.
 step bench_256 60 python -m dist_resnet.bench "${BENCH[@]}" --data-dir "$DATA" \
     --configs "eager_fp32,compiled_cudagraphs" --json-out "$OUT/bench_256.jsonl" -- --batch-size 256 "${TINY[@]}"
-# 7. The 99.5% augmented recipe from the README.
+# 7. What --deterministic costs: 5 epochs of the default recipe, eager, with and without it.
+step eager_recipe 30 "${TRAIN[@]}" --mixed-precision bf16 --channels-last --epochs 5 "${TINY[@]}" \
+    --output-dir "$OUT/eager_recipe"
+step deterministic_recipe 30 "${TRAIN[@]}" --mixed-precision bf16 --channels-last --deterministic --epochs 5 \
+    "${TINY[@]}" --output-dir "$OUT/deterministic_recipe"
+# 8. The compiler's slower options at 2048: max-autotune (minutes of tuning) and CUDA graphs.
+AUTOTUNE=compiled_max_autotune,compiled_cudagraphs
+[[ $DRY == 1 ]] && AUTOTUNE=eager_fp32  # both need CUDA (and minutes of compiling on a CPU)
+step bench_autotune 150 python -m dist_resnet.bench "${BENCH[@]}" --data-dir "$DATA" --configs "$AUTOTUNE" \
+    --json-out "$OUT/bench_autotune.jsonl" -- "${TINY[@]}"
+# 9. The 99.5% augmented recipe from the README.
 step augment_recipe 60 "${TRAIN[@]}" "${FAST[@]}" --augment --epochs 20 --batch-size 256 --schedule onecycle \
     --lr 4e-3 --label-smoothing 0.1 --bn-recalibrate 16 "${TINY[@]}" --output-dir "$OUT/augment_recipe"
 BUNDLE=$(mktemp "${TMPDIR:-/tmp}/gpu-checks-XXXXXX.tgz")  # written outside OUT_DIR, which it archives

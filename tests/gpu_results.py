@@ -5,12 +5,23 @@ step wrote, so that each result is on screen and in summary.txt as soon as it is
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
 
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+PASS_FAIL = {"fp16_clip_recipe": ("train_loss", "grad_norm"), "ema_accumulate_recipe": ("train_loss", "test_acc_ema")}
+
+
+def passed(step: str, records: list[dict], report: Path) -> bool:
+    """The run wrote its report, and each value PASS_FAIL names was logged and always finite."""
+    values = [r[key] for r in records for key in PASS_FAIL[step] if key in r]
+    logged = all(any(key in r for r in records) for key in PASS_FAIL[step])
+    return report.exists() and logged and all(math.isfinite(v) for v in values)
 
 
 def results(out: Path, step: str) -> list[str]:
@@ -28,7 +39,11 @@ def results(out: Path, step: str) -> list[str]:
             if evals else "  no report, no evaluation"
         startup = [f"  start-up: first step after {r['to_first_step_s']} s (compile {r['compile_s']} s, "
                    f"compile cache {r['compile_cache']})" for r in records if r.get("event") == "startup"]
-        return [*startup,
+        checked = [f"  {'PASS' if passed(step, records, report) else 'FAIL'}: a report, and every logged loss"
+                   + (", norm" if step == "fp16_clip_recipe" else "")
+                   + (" and EMA evaluation" if step == "ema_accumulate_recipe" else "") + " finite"
+                   ] if step in PASS_FAIL else []
+        return [*startup, *checked,
                 f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
                 f"  training images/s, best logged window: {speed[-1]:,.0f}" if speed else "",
                 f"  training images/s, median of logged windows: {speed[len(speed) // 2]:,.0f}" if speed else ""]
