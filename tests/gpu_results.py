@@ -39,10 +39,9 @@ def results(out: Path, step: str) -> list[str]:
             if evals else "  no report, no evaluation"
         startup = [f"  start-up: first step after {r['to_first_step_s']} s (compile {r['compile_s']} s, "
                    f"compile cache {r['compile_cache']})" for r in records if r.get("event") == "startup"]
-        checked = [f"  {'PASS' if passed(step, records, report) else 'FAIL'}: a report, and every logged loss"
-                   + (", norm" if step == "fp16_clip_recipe" else "")
-                   + (" and EMA evaluation" if step == "ema_accumulate_recipe" else "") + " finite"
-                   ] if step in PASS_FAIL else []
+        checked = [f"  {'PASS' if passed(step, records, report) else 'FAIL'}: a report, and every logged "
+                   + {"fp16_clip_recipe": "loss and norm", "ema_accumulate_recipe": "loss and EMA evaluation"}[step]
+                   + " finite"] if step in PASS_FAIL else []
         return [*startup, *checked,
                 f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
                 f"  training images/s, best logged window: {speed[-1]:,.0f}" if speed else "",
