@@ -11,7 +11,6 @@ the report is the training report.
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -12,7 +12,6 @@ family, [N, 3, 32, 32] for CIFAR-10, an ImageFolder's channels and size) and ret
 import io
 import os
 import pickle
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -56,7 +56,8 @@ class Plots:
     """The plots of one directory, drawn by a child process (dist_resnet.report as __main__)
     from a request of plain arrays. draw() while a drawing runs, or sooner than redraw_every_s
     after the last one began, is skipped, unless the evaluation is the final one: its drawing
-    starts at once, so that it goes on while the run writes its weights and its report.
+    starts as soon as one under way has ended, whatever the interval, so that it goes on while
+    the run writes its weights and its report.
     finish() draws the final evaluation unless drawn already, and waits; close() waits for a
     drawing under way and ends the child started ahead (prepare()), if any."""
 

@@ -212,7 +212,8 @@ def _compiled_resumed_run(mnist_dir: Path, base: Path) -> Path:
     cold = start(command, base / "cold.log", env=env)
     # The progress bar is drawn once every rank is in the loop, its signal handlers installed;
     # the first step then compiles for seconds, and the stop comes a step or two after it.
-    wait_for(lambda: "| 0/10 [" in (base / "cold.log").read_text() or cold.poll() is not None, timeout=300,
+    bar = f"| 0/{EQUIVALENCE['train_limit'] // EQUIVALENCE['batch']} ["  # the bar before the first step
+    wait_for(lambda: bar in (base / "cold.log").read_text() or cold.poll() is not None, timeout=300,
              what="the training loop")
     time.sleep(1.0)
     os.kill(worker_pids(str(out))[1], signal.SIGUSR1)

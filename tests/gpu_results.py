@@ -14,13 +14,17 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-PASS_FAIL = {"fp16_clip_recipe": ("train_loss", "grad_norm"), "ema_accumulate_recipe": ("train_loss", "test_acc_ema")}
+PASS_FAIL = {  # step: (the logged values that must be finite, what the result line calls them)
+    "fp16_clip_recipe": (("train_loss", "grad_norm"), "loss and norm"),
+    "ema_accumulate_recipe": (("train_loss", "test_acc_ema"), "loss and EMA evaluation"),
+}
 
 
 def passed(step: str, records: list[dict], report: Path) -> bool:
     """The run wrote its report, and each value PASS_FAIL names was logged and always finite."""
-    values = [r[key] for r in records for key in PASS_FAIL[step] if key in r]
-    logged = all(any(key in r for r in records) for key in PASS_FAIL[step])
+    keys = PASS_FAIL[step][0]
+    values = [r[key] for r in records for key in keys if key in r]
+    logged = all(any(key in r for r in records) for key in keys)
     return report.exists() and logged and all(math.isfinite(v) for v in values)
 
 
@@ -40,8 +44,7 @@ def results(out: Path, step: str) -> list[str]:
         startup = [f"  start-up: first step after {r['to_first_step_s']} s (compile {r['compile_s']} s, "
                    f"compile cache {r['compile_cache']})" for r in records if r.get("event") == "startup"]
         checked = [f"  {'PASS' if passed(step, records, report) else 'FAIL'}: a report, and every logged "
-                   + {"fp16_clip_recipe": "loss and norm", "ema_accumulate_recipe": "loss and EMA evaluation"}[step]
-                   + " finite"] if step in PASS_FAIL else []
+                   f"{PASS_FAIL[step][1]} finite"] if step in PASS_FAIL else []
         return [*startup, *checked,
                 f"  test accuracy {json.loads(report.read_text())['accuracy']:.4f}" if report.exists() else cut,
                 f"  training images/s, best logged window: {speed[-1]:,.0f}" if speed else "",

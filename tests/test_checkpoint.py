@@ -24,7 +24,8 @@ from conftest import (RESUME_ARGS, RESUME_STEPS, TRAIN_PY, assert_one_line_error
 from dist_resnet.checkpoint import IncompatibleCheckpoint, complete_checkpoints, read_meta
 from dist_resnet.config import Config
 
-pytestmark = pytest.mark.slow  # every test starts real training processes: signals, kills and resumes are what it checks
+# Slow: every test starts real training processes; signals, kills and resumes are what it checks.
+pytestmark = pytest.mark.slow
 
 ARGS, TOTAL_STEPS = RESUME_ARGS, RESUME_STEPS
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

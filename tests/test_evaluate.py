@@ -66,7 +66,8 @@ def launched(tmp_path_factory) -> dict:
         return torchrun(world_size, WORKER, out, "--cases", ",".join(f"{n}:{b}" for n, b in cases), *extra,
                         timeout=300), out
 
-    return run_together({world_size: lambda w=world_size, c=cases: launch(w, c) for world_size, cases in LAUNCHES.items()})
+    return run_together({world_size: lambda w=world_size, c=cases: launch(w, c)
+                         for world_size, cases in LAUNCHES.items()})
 
 
 def test_one_process_evaluates_every_sample_once(accelerator, tmp_path):

@@ -117,9 +117,10 @@ def test_interim_plots_are_redrawn_at_most_every_so_often(tmp_path):
     assert drawn[report.REDRAW_EVERY_S] is first and drawn[0] is second
 
 
-def test_the_final_evaluation_is_drawn_at_once_whatever_came_before(tmp_path):
-    """The final evaluation's drawing starts at once, a drawing under way or not, and so goes
-    on while the run writes its report; finish() then only waits for it."""
+def test_the_final_evaluation_is_drawn_whatever_came_before(tmp_path):
+    """The final evaluation's drawing starts when draw() is called, after a drawing under way
+    and within the redraw interval alike, and so goes on while the run writes its report;
+    finish() then only waits for it."""
     from dist_resnet import report
 
     test_images = np.zeros((20, 1, 8, 8), np.uint8)

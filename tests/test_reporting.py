@@ -181,8 +181,9 @@ NO_CREDENTIALS = {"NETRC": "/dev/null", "WANDB_MODE": None}
 
 @pytest.fixture(scope="module")
 def wandb_runs(mnist_dir, tmp_path_factory) -> dict:
-    """case -> (result, output directory, W&B directory) of the train.py processes below, each
-    with W&B and its service process, started at once: one of them waits out WANDB_INIT_TIMEOUT."""
+    """case -> (result, output directory, its WANDB_DIR or None) of the train.py processes
+    below, each with W&B and its service process, started at once: one of them waits out
+    WANDB_INIT_TIMEOUT."""
     root = tmp_path_factory.mktemp("wandb")
     cases = {"wandb dir": ([], {"WANDB_DIR": str(root / "wandb-files")}),
              "no credentials": (["--wandb-mode", "online"], NO_CREDENTIALS),
@@ -193,7 +194,7 @@ def wandb_runs(mnist_dir, tmp_path_factory) -> dict:
         extra, env = cases[case]
         out = root / case.replace(" ", "-")
         return run([sys.executable, TRAIN_PY, "--data-dir", mnist_dir, *QUICK, "--train-limit", "256", "--epochs", "1",
-                    *extra, "--output-dir", out], env=env), out, root / "wandb-files"
+                    *extra, "--output-dir", out], env=env), out, env.get("WANDB_DIR") and Path(env["WANDB_DIR"])
 
     return run_together({case: lambda case=case: train(case) for case in cases})
 

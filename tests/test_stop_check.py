@@ -24,11 +24,12 @@ CASES = [  # (processes, --every, the step every rank stops at)
 def stopped() -> dict:
     """(processes, every) -> the steps each rank stopped at: the 3-process cases in one
     torchrun group, since what is checked is the agreement between ranks (slow: its start)."""
-    args = ["--signal-rank", 2, "--signal-step", SIGNAL_STEP]
-    result = torchrun(3, WORKER, "--every", ",".join(str(e) for n, e, _ in CASES if n == 3), *args, timeout=120)
+    every = [e for n, e, _ in CASES if n == 3]
+    result = torchrun(3, WORKER, "--every", ",".join(map(str, every)), "--signal-rank", 2, "--signal-step", SIGNAL_STEP,
+                      timeout=120)
     assert result.returncode == 0, describe(result)
     return {(3, line["every"]): line["stopped_at"]
-            for line in map(json.loads, result.stdout.strip().splitlines()[-2:])}
+            for line in map(json.loads, result.stdout.strip().splitlines()[-len(every):])}
 
 
 def stops_of_one_process(every: int) -> list:
