@@ -6,7 +6,7 @@
 #   bash tests/gpu_checks.sh --dry-run OUT_DIR      # rehearsal on CPU: every step, tiny, seconds
 # Each step's result is printed and appended to OUT_DIR/summary.txt the moment it is known, so
 # a run cut off halfway leaves the first results on disk. The step limits add up to about 15
-# minutes, more than one session's device time: run the first steps, then the rest by name
+# minutes: where a GPU is held for less, run the first steps, then the rest by name
 # (STEPs). They follow the times measured on an H200 (docs/gpu-checks.md); those of the steps
 # added since (1b, 7, 8) are not measured yet. At the end, OUT_DIR/bundle.tgz
 # holds every result file but weights and checkpoints, for copying off a machine in one piece.
