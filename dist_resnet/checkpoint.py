@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from dist_resnet.config import MIXED_PRECISION, Config, resume_mismatches
 
 NAME = re.compile(r"step-(\d+)")
 FORMAT = 1  # of meta.json and the files beside it; another value is refused
+MAX_PART_BYTES = 2**34  # a part's names and shapes are checked against the run's before use
 
 
 class CheckpointError(Exception):
@@ -139,27 +141,51 @@ def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: di
 
     def publish():
         files.sync_dir(tmp)
-        if final.exists():  # the same step saved before (a resumed run re-saving it)
+        if final.is_symlink():  # never follow a link the user put in the way: replace it
+            final.unlink()
+        elif final.exists():  # the same step saved before (a resumed run re-saving it)
             shutil.rmtree(final)
         os.replace(tmp, final)
         files.sync_dir(root)
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
 
-    _together(prepare if accelerator.is_main_process else None, tmp)
-    _together(write_parts, tmp)
-    _together(publish if accelerator.is_main_process else None, tmp)
+    kept = complete_checkpoints(output_dir)
+    _together(prepare if accelerator.is_main_process else None, tmp, kept)
+    _together(write_parts, tmp, kept)
+    _together(publish if accelerator.is_main_process else None, tmp, kept)
+    if accelerator.is_main_process:
+        rotate(output_dir, keep)
     return final
 
 
-def _together(action, tmp: Path) -> None:
-    """Run action (on the ranks that have one); if any rank failed, all raise."""
+def rotate(output_dir: str | Path, keep: int) -> list[str]:
+    """Remove all but the newest `keep` complete checkpoints. A checkpoint that is a symbolic
+    link loses its link, never what it points to. Returns warnings for what could not be
+    removed: the new checkpoint is complete whatever happens here."""
+    problems = []
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        try:
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
+        except OSError as err:
+            problems.append(f"warning: cannot remove the old checkpoint {old} ({err.strerror or err})")
+    for problem in problems:
+        print(problem, file=sys.stderr, flush=True)
+    return problems
+
+
+def _together(action, tmp: Path, kept: list[Path]) -> None:
+    """Run action (on the ranks that have one); if any rank failed, all raise, saying which
+    checkpoint is now the newest (kept: the complete ones before this save), if any."""
     message = None
     if action is not None:
         try:
             action()
         except OSError as err:
-            message = f"cannot write checkpoint {tmp} ({err.strerror or err}); the previous checkpoint is kept"
+            newest = (f"the newest checkpoint is still {kept[-1]}" if kept else
+                      "no checkpoint of this run exists yet")
+            message = f"cannot write checkpoint {tmp} ({err.strerror or err}); {newest}"
     message = distributed.first_error(message)
     if message:
         raise CheckpointWriteError(message)
@@ -274,22 +300,31 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
     # On another process count every rank continues rank 0's random generators. The ranks'
     # generators start from one seed and draw alike each step, so they are equal anyway.
     rng_rank = accelerator.process_index if meta.world_size == accelerator.num_processes else 0
-    parts = ["model.safetensors", "state.safetensors", f"rng-{rng_rank}.safetensors"]
-    for part in parts:  # a FIFO or a device file would block or never end
-        if not (path / part).is_file():
-            raise CheckpointError(f"{path}: damaged ({part} is missing or not a regular file)")
+    names = ["model.safetensors", "state.safetensors", f"rng-{rng_rank}.safetensors"]
+    opened = []
     try:
-        model = load_file(path / "model.safetensors")
-        with safe_open(path / "state.safetensors", framework="pt") as file:
+        # Every part opened and checked before any is read (a FIFO or a device would block or
+        # never end); safetensors then reads the opened files themselves.
+        for name in names:
+            opened.append(files.open_checked(path / name, MAX_PART_BYTES, links=False))
+        model_part, state_part, rng_part = map(files.fd_path, opened)
+        model = load_file(model_part)
+        with safe_open(state_part, framework="pt") as file:
             skeleton = json.loads(file.metadata()["state"])
             tensors = {name: file.get_tensor(name) for name in file.keys()}
         state = {name: _join(node, tensors) for name, node in skeleton.items()}
-        rng_path = path / f"rng-{rng_rank}.safetensors"
-        with safe_open(rng_path, framework="pt") as file:
+        with safe_open(rng_part, framework="pt") as file:
             rng = ({name: file.get_tensor(name) for name in file.keys()},
                    json.loads(file.metadata()["numbers"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: damaged ({names[len(opened)]} is missing)") from None
+    except files.NotReadable as err:
+        raise CheckpointError(f"{path}: damaged ({names[len(opened)]}: {err})") from None
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    finally:
+        for file in opened:
+            file.close()
     wrong = [name for name, tensor in model.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if wrong:
         raise CheckpointError(f"{path}: its weights hold NaN or infinity ({', '.join(wrong[:2])}): a diverged run's")

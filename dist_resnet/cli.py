@@ -1,6 +1,7 @@
 """The one convention the commands (train, evaluate, predict, bench) share for failures: a
 failure the user can cause and fix is one line, `PROG: error: ...`, and an exit code from
-config.ExitCode; anything else is a bug and keeps its traceback."""
+config.ExitCode; anything else is a bug and keeps its traceback. PROG is the command's file in
+the repository, `dist_resnet/NAME.py`, however it was started (tests/test_cpu_first_hour.py)."""
 
 import functools
 import gc
@@ -10,7 +11,7 @@ from typing import NoReturn
 from dist_resnet.checkpoint import CheckpointError, CheckpointWriteError
 from dist_resnet.config import ExitCode, MissingPackage
 from dist_resnet.data import DataError
-from dist_resnet.distributed import RendezvousError
+from dist_resnet.distributed import LaunchError, RendezvousError
 from dist_resnet.images import InputError
 from dist_resnet.model import WeightsError
 from dist_resnet.recipe import NonFiniteLoss, RecipeError, TooFewImages
@@ -23,7 +24,7 @@ USER_ERRORS = {
     MissingPackage: ExitCode.BAD_INPUT, TooFewImages: ExitCode.BAD_INPUT, RecipeError: ExitCode.BAD_INPUT,
     NonFiniteLoss: ExitCode.NON_FINITE,
     CannotWrite: ExitCode.CANNOT_WRITE, CheckpointWriteError: ExitCode.CANNOT_WRITE,
-    TrackerError: ExitCode.TRACKER, RendezvousError: ExitCode.RENDEZVOUS,
+    TrackerError: ExitCode.TRACKER, RendezvousError: ExitCode.RENDEZVOUS, LaunchError: ExitCode.BAD_INPUT,
 }
 USER_ERROR_TYPES = tuple(USER_ERRORS)
 

@@ -43,7 +43,7 @@ import torch
 from dist_resnet import files
 
 RUN_DIR = "compile-cache"  # in a run's output directory (rundir.RUN_FILES names it too)
-FORMAT = 1
+FORMAT = 2  # 2: the MAC covers the entry's name and the configuration it was compiled for
 MEGA = "mega-cache.bin"  # the tar member holding save_cache_artifacts()'s bytes
 FILES = "inductor/"  # the tar members under it: files of the inductor cache directory
 MAX_ARTIFACT_BYTES = 1 << 30  # a larger file is not read: no compilation of this model comes near it
@@ -69,8 +69,15 @@ def user_key() -> bytes:
     """This user's key, created (0600, random) on first use. Processes creating it at once
     all end up with the same one: each links a complete file into place, the first wins."""
     path = key_file()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Whoever may write the key's directory may replace or remove the key, or put a FIFO at
+    # its path: the directory must be this user's and closed to others.
+    info = os.stat(path.parent)
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise Refused(f"the compile-cache key's directory {path.parent} is not this user's alone (mode "
+                      f"{stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}): make it yours with "
+                      f"`chmod 700 {path.parent}`")
+    if not os.path.lexists(path):
         temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -84,18 +91,18 @@ def user_key() -> bytes:
             pass
         finally:
             temp.unlink(missing_ok=True)
+    private = (f"the compile-cache key {path} is not a private file of this user (it must be a file of "
+               "mode 0600, owned by you): remove it, a new one is made")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with files.open_checked(path, 2 * KEY_BYTES, links=False) as file:
+            info = os.fstat(file.fileno())
+            if info.st_uid != os.getuid() or info.st_mode & 0o077:
+                raise Refused(private)
+            key = file.read(KEY_BYTES + 1)
+    except files.NotReadable:
+        raise Refused(private) from None
     except OSError as err:
         raise Refused(f"the compile-cache key {path} cannot be read ({err.strerror or err})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise Refused(f"the compile-cache key {path} is not a private file of this user "
-                          "(it must be mode 0600, owned by you): remove it, a new one is made")
-        key = os.read(fd, KEY_BYTES + 1)
-    finally:
-        os.close(fd)
     if len(key) != KEY_BYTES:
         raise Refused(f"the compile-cache key {path} is damaged ({len(key)} bytes): remove it, a new one is made")
     return key
@@ -123,6 +130,11 @@ def entry_name(env: dict, parts: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _plain(parts: dict) -> dict:
+    """parts as its JSON form (what a header holds), to compare with a header read back."""
+    return json.loads(json.dumps(parts, sort_keys=True, default=str))
+
+
 def _mac(key: bytes, header: dict, payload: bytes) -> str:
     fields = json.dumps({k: v for k, v in header.items() if k != "mac"}, sort_keys=True).encode()
     return hmac.new(key, fields + b"\n" + payload, hashlib.sha256).hexdigest()
@@ -134,49 +146,63 @@ class Store:
     def __init__(self, directory: str | Path, label: str):
         self.directory, self.label = Path(directory), label
 
-    def read(self, name: str, key: bytes, env: dict) -> bytes | None:
+    def read(self, name: str, key: bytes, env: dict, parts: dict) -> bytes | None:
         """The verified payload of entry `name`; None when there is none; Refused when one is
-        there but may not be used. Only JSON is parsed before the MAC has been checked."""
+        there but may not be used. Only JSON is parsed before the MAC has been checked, and
+        nothing is read from a file that is not a regular one (files.open_checked)."""
         path = self.directory / f"{name}.json"
         try:
-            with open(path, "rb") as file:
-                raw = file.read(MAX_HEADER_BYTES + 1)
+            raw = files.read_checked(path, MAX_HEADER_BYTES, links=False)
         except FileNotFoundError:
             return None
+        except files.NotReadable as err:
+            raise Refused(f"{path}: {err}") from None
         except OSError as err:
             raise Refused(f"{path}: unreadable ({err.strerror or err})") from None
         try:
-            header = json.loads(raw) if len(raw) <= MAX_HEADER_BYTES else None
+            header = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError):
             header = None
         if not (isinstance(header, dict) and header.get("format") == FORMAT
-                and isinstance(header.get("mac"), str) and isinstance(header.get("size"), int)
+                and isinstance(header.get("mac"), str) and type(header.get("size")) is int
                 and isinstance(header.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", header["sha256"])):
             raise Refused(f"{path}: not a compile-cache header of this version of dist_resnet")
         if not 0 <= header["size"] <= MAX_ARTIFACT_BYTES:
             raise Refused(f"{path}: an artifact of {header['size']} bytes is not read")
         artifact = self.directory / f"{name}.{header['sha256'][:16]}.tar"
         try:
-            with open(artifact, "rb") as file:
+            with files.open_checked(artifact, MAX_ARTIFACT_BYTES, links=False) as file:
+                # The header is not yet verified, but the file must be the size it states
+                # before a byte of it is read and hashed.
+                size = os.fstat(file.fileno()).st_size
+                if size != header["size"]:
+                    raise Refused(f"{artifact}: {size} bytes, not the {header['size']} its header states")
                 payload = file.read(header["size"] + 1)
         except FileNotFoundError:  # replaced by a concurrent writer since its header was read
             return None
+        except files.NotReadable as err:
+            raise Refused(f"{artifact}: {err}") from None
         except OSError as err:
             raise Refused(f"{artifact}: unreadable ({err.strerror or err})") from None
         if len(payload) != header["size"] or not hmac.compare_digest(_mac(key, header, payload), header["mac"]):
             raise Refused(f"{artifact}: not written by this user's runs, or altered since (its MAC does not verify)")
+        if header.get("name") != name or header.get("parts") != _plain(parts):
+            raise Refused(f"{artifact}: compiled for another configuration than this run's (entry "
+                          f"{str(header.get('name'))[:40]}, here {name})")
         if header.get("environment") != env:
             theirs = header.get("environment") or {}
             differ = ", ".join(f"{k} {theirs.get(k)} (here {v})" for k, v in env.items() if theirs.get(k) != v)
             raise Refused(f"{artifact}: compiled for another environment: {differ}")
         return payload
 
-    def write(self, name: str, key: bytes, env: dict, payload: bytes) -> None:
+    def write(self, name: str, key: bytes, env: dict, parts: dict, payload: bytes) -> None:
         """Publish an artifact: the tar under its content's name, then the header that points
-        at it (both by atomic rename); then the entry's stale tars are removed (STALE_S)."""
+        at it (both by atomic rename); then the entry's stale tars are removed (STALE_S). The
+        MAC covers the header (the entry's name, its configuration and environment) and the tar."""
         self.directory.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(payload).hexdigest()
-        header = {"format": FORMAT, "environment": env, "size": len(payload), "sha256": digest}
+        header = {"format": FORMAT, "name": name, "parts": _plain(parts), "environment": env,
+                  "size": len(payload), "sha256": digest}
         header["mac"] = _mac(key, header, payload)
         artifact = f"{name}.{digest[:16]}.tar"
         files.write_atomic(self.directory / artifact, payload)
@@ -227,11 +253,11 @@ def pack(mega: bytes | None, directory: Path, names: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-def unpack(payload: bytes, directory: Path) -> bytes | None:
+def unpack(payload: bytes, directory: Path) -> tuple[bytes | None, int]:
     """Write a verified artifact's files into the inductor cache directory (each atomically,
-    keeping a file already there) and return its Mega-Cache bytes, if any. Only regular files
-    at plain relative paths are taken."""
-    mega = None
+    keeping a file already there) and return its Mega-Cache bytes, if any, and the number of
+    files it held. Only regular files at plain relative paths are taken."""
+    mega, count = None, 0
     with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
         for member in tar.getmembers():
             relative = member.name[len(FILES):]
@@ -241,10 +267,11 @@ def unpack(payload: bytes, directory: Path) -> bytes | None:
             elif (member.isfile() and member.name.startswith(FILES) and parts and not Path(relative).is_absolute()
                   and ".." not in parts):
                 target = directory / relative
+                count += 1
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     files.write_atomic(target, tar.extractfile(member).read())
-    return mega
+    return mega, count
 
 
 def graphs_compiled() -> int:
@@ -261,7 +288,7 @@ class WarmStart:
     def __init__(self, sources: list[Store], targets: list[Store], device: torch.device, parts: dict,
                  writer: bool):
         self.sources, self.targets, self.writer = sources, targets, writer
-        self.env = environment(device)
+        self.env, self.parts = environment(device), parts
         self.name = entry_name(self.env, parts)
         self.loaded_from: list[Store] = []
         self.refusals: list[str] = []
@@ -278,16 +305,20 @@ class WarmStart:
         directory = inductor_dir()
         for store in self.sources:
             try:
-                payload = store.read(self.name, self.key, self.env)
+                payload = store.read(self.name, self.key, self.env, self.parts)
             except Refused as err:
                 self.refusals.append(str(err))
                 continue
             if payload is None:
                 continue
             try:
-                mega = unpack(payload, directory)
-                if mega:
-                    torch.compiler.load_cache_artifacts(mega)
+                mega, count = unpack(payload, directory)
+                # The compiler logs a warning and returns None for cache artifacts it cannot
+                # read: verified, yet not loaded; the run compiles what it lacks.
+                if mega and torch.compiler.load_cache_artifacts(mega) is None:
+                    raise ValueError("the compiler did not accept its cache artifacts")
+                if not (mega or count):
+                    raise ValueError("it holds nothing to load")
             except Exception as err:  # verified, yet unusable: the compiler's own format moved
                 self.refusals.append(f"{store.label}: artifact not loaded ({type(err).__name__}: {err})")
                 continue
@@ -327,7 +358,7 @@ class WarmStart:
             return [*problems, f"warning: the compiled artifact ({len(payload)} bytes) is too large to keep; not saved"]
         for target in due:
             try:
-                target.write(self.name, self.key, self.env, payload)
+                target.write(self.name, self.key, self.env, self.parts, payload)
             except OSError as err:
                 problems.append(f"warning: cannot save the compiled artifact in {target.directory} "
                                 f"({err.strerror or err}); the next run compiles again")

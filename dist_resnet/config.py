@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import stat
 import time
 import types
 import typing
@@ -23,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+
+from dist_resnet import files
 
 
 class ExitCode(IntEnum):
@@ -334,12 +335,43 @@ CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES, "data
 
 def rank_from_env() -> int:
     """The global rank the launcher (accelerate, torchrun, srun) gave this process, known
-    before any process group exists."""
-    return int(os.environ.get("RANK", "0"))
+    before any process group exists; 0 where RANK is not a number (launcher_problem says so)."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# What the launcher tells each process, read by the suite, torch and Accelerate: each must be a
+# number in its range before any process group starts (torch's own errors are tracebacks, or a
+# wait for the rendezvous timeout). Name -> the smallest value it may have.
+LAUNCHER_COUNTS = {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_WORLD_SIZE": 1, "LOCAL_RANK": 0, "MASTER_PORT": 1,
+                   "TORCHELASTIC_RESTART_COUNT": 0, "TORCHELASTIC_MAX_RESTARTS": 0}
+
+
+def launcher_problem(environ=os.environ) -> str | None:
+    """What is wrong with the launcher's variables, in one line naming the variable and its
+    value; None when they are usable (or absent: a process that was not launched)."""
+    values = {}
+    for name, least in LAUNCHER_COUNTS.items():
+        text = environ.get(name)
+        if text is None:
+            continue
+        if not (text.strip().isdigit() and text.strip().isascii()) or int(text) < least:
+            return f"{name}={text!r} is not a whole number of at least {least} (set by the launcher: check how it was started)"
+        values[name] = int(text)
+    if values.get("MASTER_PORT", 1) > 65535:
+        return f"MASTER_PORT={values['MASTER_PORT']} is not a port (1-65535)"
+    for rank, size in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        if rank in values and size in values and values[rank] >= values[size]:
+            return (f"{rank}={values[rank]} is not below {size}={values[size]}: ranks count from 0 "
+                    "(set by the launcher: check how it was started)")
+    address = environ.get("MASTER_ADDR")
+    if address is not None and (not address.strip() or any(c.isspace() for c in address)):
+        return f"MASTER_ADDR={address!r} is not a host name or address"
+    return None
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -358,9 +390,11 @@ class Parser(argparse.ArgumentParser):
     on error). The error is one line, not the usage block in front of it."""
 
     def __init__(self, prog: str, description: str, **kwargs):
+        # No abbreviations: `--out` for --output-dir would be a second spelling that scripts
+        # (slurm/train.sbatch) must recognise, and a new option could change its meaning.
         super().__init__(prog=prog, description=description,
                          formatter_class=kwargs.pop("formatter_class", DefaultsHelp),
-                         **kwargs)
+                         allow_abbrev=False, **kwargs)
 
     def _print_message(self, message, file=None):
         if rank_from_env() == 0:
@@ -518,7 +552,7 @@ NOT_REPEATED = ("output_dir", "run_name", "resume", "overwrite", "config_file")
 
 def config_file_in(argv: list[str] | None) -> str | None:
     """The --config FILE of a command line, read before the rest (its options become defaults)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", dest="config_file", default=None)
     known, _ = pre.parse_known_args(argv)
     return known.config_file
@@ -539,7 +573,7 @@ def resumed_record_in(argv: list[str] | None) -> str | None:
     """For --resume auto into an --output-dir that holds a run, without --config: that run's
     record, whose options become the defaults, so that a run continues with the options it
     was started with, without retyping them (those given again must agree: rundir.claim)."""
-    pre = _Lenient(add_help=False)
+    pre = _Lenient(add_help=False, allow_abbrev=False)
     for name in ("--config", "--resume", "--output-dir"):
         pre.add_argument(name)
     try:
@@ -579,27 +613,12 @@ MAX_OPTIONS_NESTING = 8  # options are values or lists of values; a record nests
 
 
 def _read_small_text(path: str) -> str:
-    """The text of a regular file of at most MAX_OPTIONS_FILE_BYTES; ValueError otherwise,
-    before anything is read (a FIFO or /dev/zero would hang or fill the memory)."""
+    """The text of a regular file of at most MAX_OPTIONS_FILE_BYTES (files.read_checked: a FIFO
+    or /dev/zero would hang or fill the memory); ValueError otherwise."""
     try:
-        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = files.read_checked(path, MAX_OPTIONS_FILE_BYTES)
     except OSError as err:
         raise ValueError(f"cannot read it ({err.strerror or err})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > MAX_OPTIONS_FILE_BYTES:
-            raise ValueError(f"{info.st_size} bytes; an options file has at most {MAX_OPTIONS_FILE_BYTES}")
-        with os.fdopen(os.dup(fd), "rb") as file:
-            data = file.read(MAX_OPTIONS_FILE_BYTES + 1)
-    except OSError as err:
-        raise ValueError(f"cannot read it ({err.strerror or err})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_OPTIONS_FILE_BYTES:  # it grew while being read
-        raise ValueError(f"more than {MAX_OPTIONS_FILE_BYTES} bytes")
     try:
         return data.decode()
     except UnicodeDecodeError as err:
@@ -685,6 +704,9 @@ def parse_config(argv: list[str] | None, schedules: Iterable[str], trackers: Ite
                  datasets: Iterable[str]) -> Config:
     """train.py's Config from its command line; exits 2 (on rank 0, one message) on bad input."""
     parser = build_parser(schedules, trackers, datasets)
+    problem = launcher_problem()
+    if problem:
+        parser.error(problem)
     path, recorded = config_file_in(argv), resumed_record_in(argv)
     if path or recorded:
         try:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dist_resnet import files
+
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -57,9 +59,12 @@ def _missing(root: Path) -> list[str]:
 
 def _unpacked_size(packed: Path) -> int:
     """What gzip records as the unpacked size in its last 4 bytes (modulo 2**32)."""
-    with open(packed, "rb") as file:
-        file.seek(-4, os.SEEK_END)
-        return int.from_bytes(file.read(4), "little")
+    try:
+        with files.open_checked(packed, MAX_FILE_BYTES) as file:
+            file.seek(-4, os.SEEK_END)
+            return int.from_bytes(file.read(4), "little")
+    except (OSError, files.NotReadable) as err:
+        raise DataError(f"{packed}: not an MNIST-family .gz file ({err})") from None
 
 
 def _unpack(packed: Path, target: Path) -> None:
@@ -67,7 +72,7 @@ def _unpack(packed: Path, target: Path) -> None:
     MAX_FILE_BYTES: a kill leaves no partial target, and a hostile file cannot fill the disk."""
     temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with gzip.open(packed, "rb") as src, open(temp, "wb") as dst:
+        with files.open_checked(packed, MAX_FILE_BYTES) as raw, gzip.open(raw, "rb") as src, open(temp, "wb") as dst:
             written = 0
             while chunk := src.read(1 << 20):
                 written += len(chunk)
@@ -76,7 +81,8 @@ def _unpack(packed: Path, target: Path) -> None:
                                     "than any MNIST-family file: not one")
                 dst.write(chunk)
         os.replace(temp, target)
-    except (OSError, EOFError, zlib.error) as err:
+    except (OSError, EOFError, zlib.error, files.NotReadable) as err:
+        temp.unlink(missing_ok=True)
         raise DataError(f"{packed}: cannot decompress ({err}); delete it and copy it again") from None
     finally:
         temp.unlink(missing_ok=True)
@@ -86,7 +92,7 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
     """torchvision's download of an MNIST-family data set (mirrors, checksums) into a private
     temporary directory beside the data, then each file renamed into place: processes that download at once, on
     one node or on several sharing the directory, never see a half-written file."""
-    staging, created = None, new_directories(root)
+    staging = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
@@ -98,10 +104,11 @@ def _download(data_dir: Path, root: Path, name: str) -> None:
     except Exception as err:  # torchvision raises several kinds; the message is what helps
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        remove_empty(created)  # a failed download leaves no empty MNIST/raw behind
+        # The directory stays, made: the message asks for the files to be copied into it.
+        there = "into it by hand" if root.is_dir() else "into it by hand, once it is made (mkdir -p)"
         raise DataError(
             f"could not download {IDX_DATASETS[name]} into {root} ({' '.join(str(err).split())}). "
-            f"Copy the four files {', '.join(all_files())} there by hand (as *-ubyte, or *-ubyte.gz)."
+            f"Copy the four files {', '.join(all_files())} {there} (as *-ubyte, or *-ubyte.gz)."
         ) from None
     finally:
         if staging is not None:
@@ -212,15 +219,10 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     """The uint8 array of an IDX file of ndim dimensions, the MNIST family's format: two zero
     bytes, the type 0x08 (unsigned bytes), ndim, each size as a big-endian 32-bit number, then
     exactly that many bytes. Read here, not by torchvision, whose import costs seconds a process."""
-    # Checked before it is opened: a FIFO would block, and a file is read whole.
-    if path.exists() and not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    size = path.stat().st_size if path.is_file() else 0
-    if size > IDX_MAX_BYTES:
-        raise DataError(f"{path}: {size} bytes, more than an MNIST IDX file holds")
     header_size = 4 + 4 * ndim
     try:
-        with open(path, "rb") as file:
+        # files.open_checked: a FIFO is refused, not waited on, and the file is read whole.
+        with files.open_checked(path, IDX_MAX_BYTES) as file:
             header = file.read(header_size)
             if len(header) < header_size or header[:4] != bytes([0, 0, 0x08, ndim]):
                 raise ValueError(f"its header is not that of {ndim}-dimensional unsigned bytes")
@@ -231,6 +233,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
             content = bytearray(math.prod(shape))
             if file.readinto(content) != len(content):
                 raise ValueError(f"it ended before its header's shape {shape}")
+    except files.NotReadable as err:
+        raise DataError(f"{path}: {err}") from None
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable MNIST IDX file ({err})") from None
     return torch.frombuffer(content, dtype=torch.uint8).reshape(shape) if content else torch.zeros(shape, dtype=torch.uint8)
@@ -249,15 +253,57 @@ def normalize(images: torch.Tensor, channels_last: bool = False, mean: tuple[flo
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+_MASK32 = 0xFFFFFFFF
+DRAWS = 4  # the uniform numbers each augmentation may take per image (sample_uniforms' columns)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for x in [0, 2**32), in 16-bit halves: no int64 product overflows."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (Wellons' lowbias32), elementwise on int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """Each training sample's key for one epoch's augmentation: a hash of (seed, epoch, the
+    sample's index in the training set), int64 in [0, 2**32), on index's device. A sample's
+    transform then depends on nothing else: not on the rank that reads it, nor on its place in
+    a per-process batch, so any process count draws bitwise the same transforms."""
+    def scalar(value: int) -> torch.Tensor:
+        return torch.tensor(value & _MASK32, dtype=torch.int64, device=index.device)
+    base = _hash32(scalar(seed) ^ _hash32(scalar(seed >> 32) ^ _hash32(scalar(epoch) + 0x9E3779B9)))
+    return _hash32(_hash32(index.long() & _MASK32) ^ base)
+
+
+def sample_uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """[N, DRAWS] uniform floats in [0, 1) from each sample's key alone (counter-based: draw k of
+    a sample hashes its key with k), computed on the device without a generator."""
+    draws = torch.arange(1, DRAWS + 1, dtype=torch.int64, device=keys.device)
+    bits = _hash32(keys.long()[:, None] ^ _hash32(draws * 0x9E3779B9 & _MASK32)[None, :])
+    return (bits >> 8).float() * 2.0 ** -24  # 24 bits: exact in float32, below 1
+
+
 def random_affine(images: torch.Tensor, degrees: float = 10.0, shift: float = 0.1,
-                  zoom: float = 0.1) -> torch.Tensor:
+                  zoom: float = 0.1, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """A different small rotation, shift and zoom of each image, in one batched grid_sample on
     the device (no per-sample Python). Takes uint8 pixels and returns float pixels on the same
-    0-255 scale, for `normalize`; uncovered corners are background (0)."""
+    0-255 scale, for `normalize`; uncovered corners are background (0). uniforms: [N, DRAWS]
+    numbers in [0, 1) that choose each image's transform (sample_uniforms); else the global
+    generator's."""
     n, device = images.shape[0], images.device
-    angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
-    scale = 1 + (torch.rand(n, device=device) * 2 - 1) * zoom
-    offset = (torch.rand(n, 2, device=device) * 2 - 1) * shift * 2  # grid coordinates span 2
+    if uniforms is None:
+        uniforms = torch.cat([torch.rand(n, 1, device=device), torch.rand(n, 1, device=device),
+                              torch.rand(n, 2, device=device)], 1)
+    angle = (uniforms[:, 0] * 2 - 1) * math.radians(degrees)
+    scale = 1 + (uniforms[:, 1] * 2 - 1) * zoom
+    offset = (uniforms[:, 2:4] * 2 - 1) * shift * 2  # grid coordinates span 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
                          torch.stack([sin, cos, offset[:, 1]], 1)], 1)
@@ -266,17 +312,23 @@ def random_affine(images: torch.Tensor, degrees: float = 10.0, shift: float = 0.
                          align_corners=False)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int | None = None) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int | None = None,
+                     uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """CIFAR's usual augmentation, batched on the device: each image padded with zeros by
     `padding` pixels (an eighth of its size by default), cropped back to its size at a random
-    offset, and mirrored left-right with probability 1/2. uint8 in, float 0-255 out."""
+    offset, and mirrored left-right with probability 1/2. uint8 in, float 0-255 out.
+    uniforms: as random_affine's."""
     n, channels, height, width = images.shape
     device = images.device
     pad = padding if padding is not None else max(1, min(height, width) // 8)
     padded = F.pad(images.float(), (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
-    flip = torch.rand(n, 1, device=device) < 0.5
+    if uniforms is None:
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=device)
+        flip = torch.rand(n, 1, device=device) < 0.5
+    else:  # u < 1 in float32, so floor(u * (2 pad + 1)) <= 2 pad
+        dy, dx = ((uniforms[:, i:i + 1] * (2 * pad + 1)).long() for i in (0, 1))
+        flip = uniforms[:, 2:3] < 0.5
     cols = torch.arange(width, device=device).expand(n, width)
     cols = torch.where(flip, width - 1 - cols, cols) + dx  # a mirrored crop reads its columns backwards
     rows = torch.arange(height, device=device).expand(n, height) + dy
@@ -306,8 +358,10 @@ class DataSpec:
     def normalize(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         return normalize(images, channels_last, self.mean, self.std)
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        return AUGMENTATIONS[self.augmentation](images)
+    def augment(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Each image's own transform, chosen by its key (sample_keys), else by the global generator."""
+        uniforms = None if keys is None else sample_uniforms(keys)
+        return AUGMENTATIONS[self.augmentation](images, uniforms=uniforms)
 
     def card(self) -> dict:
         """The data set's part of what a weights file says of itself (model.CARD_KEY)."""
@@ -428,9 +482,11 @@ class Streamed:
             return
         on_gpu = self.device.type == "cuda"
         # A generator of its own: by default a DataLoader draws its workers' seeds from the global
-        # generator, which would shift the augmentation's draws away from the resident path's.
+        # generator, which would shift the global draws away from the resident path's. Each
+        # worker is then seeded by its rank and number (seed_worker), not alike on every rank.
         loader = iter(DataLoader(self.split, batch_sampler=batches, num_workers=self.workers, pin_memory=on_gpu,
-                                 generator=torch.Generator()))
+                                 generator=torch.Generator(),
+                                 worker_init_fn=functools.partial(seed_worker, process_rank())))
         while True:
             try:
                 images, labels = next(loader)
@@ -440,6 +496,24 @@ class Streamed:
                 message = str(err).strip().splitlines()[-1]
                 raise DataError(message.split("DataError: ", 1)[-1]) from None
             yield images.to(self.device, non_blocking=on_gpu), labels.to(self.device, non_blocking=on_gpu)
+
+
+def process_rank() -> int:
+    """This process's rank in the job (0 outside a process group)."""
+    distributed = torch.distributed
+    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
+
+
+def seed_worker(rank: int, worker_id: int) -> None:
+    """A streaming worker's generators (torch, numpy, random) seeded by its rank and its number,
+    so that no two workers of a job draw alike. (A DataLoader seeds its workers from its own
+    generator, the same on every rank.)"""
+    import random
+
+    seed = rank * 1009 + worker_id  # --workers is at most 64
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class _Images:

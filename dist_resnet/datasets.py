@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dist_resnet import data
+from dist_resnet import data, files
 from dist_resnet.config import Config
 from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, DataSpec, ensure_mnist, load_split
 from dist_resnet.images import EXTENSIONS, InputError, open_image, to_8bit
@@ -99,11 +99,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        if path.exists() and not path.is_file():  # a FIFO would block
-            raise ValueError("not a regular file")
-        if path.exists() and path.stat().st_size > CIFAR_MAX_BYTES:
-            raise ValueError(f"{path.stat().st_size} bytes; a batch file has about 31 MB")
-        with open(path, "rb") as file:
+        with files.open_checked(path, CIFAR_MAX_BYTES) as file:  # a FIFO is refused, not waited on
             batch = _ArraysOnly(io.BufferedReader(file), encoding="bytes").load()
         if not isinstance(batch, dict):
             raise ValueError("not a dict")

@@ -22,19 +22,29 @@ _host_group = None  # a gloo group over all ranks, for host-side agreement (made
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
-def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accelerator:
+def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float,
+          implied: bool = False) -> Accelerator:
     """An Accelerator on the launcher's process group (a single process when not launched),
     and a gloo group of the same ranks for agreeing on host-side values.
 
     On a machine without CUDA the Accelerator must be built with cpu=True: otherwise each
     process started by `accelerate launch --multi_gpu` or torchrun trains alone (world size 1)
     instead of joining a gloo group.
+
+    On a CPU, mixed precision is what the CPU does well (cpu_precision): `implied` says that
+    mixed_precision is a recipe's choice (--recipe fast), not the user's, so it may fall back.
     """
     global _host_group
+    on_cpu = cpu or not torch.cuda.is_available()
+    note = None
+    if on_cpu:  # None: the launcher's choice (accelerate launch --mixed_precision, its config)
+        requested = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        built, note = cpu_precision(requested, implied, native_bf16())
+        mixed_precision = built if built != requested else mixed_precision
     try:
         _join_restarted_group(cpu, timeout_s)
         accelerator = Accelerator(
-            cpu=cpu or not torch.cuda.is_available(),
+            cpu=on_cpu,
             mixed_precision=mixed_precision,
             kwargs_handlers=[
                 InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
@@ -43,11 +53,49 @@ def setup(*, cpu: bool, mixed_precision: str | None, timeout_s: float) -> Accele
         )
     except dist.DistError as err:  # the rendezvous: what init_process_group waits for
         raise RendezvousError.from_error(err, timeout_s) from None
+    except ValueError as err:  # Accelerate reading its own variables (ACCELERATE_USE_CPU=maybe)
+        raise LaunchError.from_error(err) from None
     if is_distributed():
         # Host-side values (a stop flag, an error message) travel over gloo: on GPUs the default
         # group is NCCL, which would need a device copy and a sync for each of them.
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    if note:
+        print_main(accelerator, note)
     return accelerator
+
+
+# A few training steps of the fast recipe (uncompiled, one thread) on a CPU without native bf16
+# ran at 7.4 images/s in bf16 and 72 in fp32 (docs/launching.md, "Mixed precision on a CPU").
+CPU_BF16_COST = "about 10x slower than fp32"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX), as oneDNN decides; without
+    it, bf16 autocast on the CPU converts every operand and is many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: a torch without it is not a reason to change
+        return True
+
+
+def cpu_precision(requested: str, implied: bool, bf16_native: bool) -> tuple[str, str | None]:
+    """The mixed precision to build a CPU run with, and the line that says why it is not the
+    one requested (or what it costs), else None. bf16 without native bf16: a recipe's bf16
+    (implied) becomes fp32; one asked for is kept, with a warning. fp16: Accelerate does not
+    autocast fp16 on a CPU, so such a run trains in fp32 anyway; it is built and recorded as
+    what it is."""
+    if requested == "bf16" and not bf16_native:
+        if implied:
+            return "no", ("mixed precision no (fp32), not the fast recipe's bf16: this CPU has no native bf16, "
+                          f"where bf16 trains {CPU_BF16_COST} (docs/launching.md); --mixed-precision bf16 "
+                          "keeps it")
+        return "bf16", (f"warning: mixed precision bf16 on a CPU without native bf16 trains {CPU_BF16_COST} "
+                        "(docs/launching.md): --mixed-precision no is the fast choice here")
+    if requested == "fp16":
+        return "no", ("mixed precision no (fp32), not fp16: Accelerate does not autocast fp16 on a CPU, so the "
+                      "run trains in fp32 either way" + ("; --mixed-precision bf16 is fast on this CPU" if bf16_native
+                                                         else ""))
+    return requested, None
 
 
 def _join_restarted_group(cpu: bool, timeout_s: float) -> None:
@@ -67,6 +115,19 @@ def _join_restarted_group(cpu: bool, timeout_s: float) -> None:
                           timeout=timeout)
     dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.PrefixStore(f"restart-{attempt}", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+class LaunchError(Exception):
+    """Accelerate could not start from the environment the launcher left (one of its own
+    variables holds a value it does not read); the message names the variable where it can."""
+
+    @classmethod
+    def from_error(cls, err: ValueError) -> "LaunchError":
+        text = " ".join(str(err).split())
+        named = [f"{name}={value!r}" for name, value in sorted(os.environ.items())
+                 if name.startswith("ACCELERATE_") and value.strip() and value.strip() in text]
+        return cls(f"Accelerate cannot start: {text[:200]}" + (f" ({', '.join(named)})" if named else
+                                                                " (check the ACCELERATE_* variables)"))
 
 
 class RendezvousError(Exception):
@@ -224,6 +285,11 @@ class StopRequest:
         self.announce = announce  # called with a line to print when a first signal arrives
         self.every = every
         self.pending = None  # (flag tensor, the all-reduce started on it) not yet read
+        # A process a launcher started (accelerate launch, torchrun) is its launcher's child. A
+        # launcher that dies without stopping its workers (SIGKILL, the OOM killer) leaves them
+        # to the init process: their parent changes, and they stop as on SIGTERM, with a
+        # checkpoint, instead of training on unseen and holding the output directory's lock.
+        self.launcher = os.getppid() if "LOCAL_RANK" in os.environ else None
 
     @contextmanager
     def handling(self):
@@ -252,9 +318,25 @@ class StopRequest:
                 self.announce(f"\n{signal.Signals(signum).name}: stopping after this step with a "
                               "checkpoint" + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""))
 
+    def launcher_gone(self) -> bool:
+        """Whether this process's launcher has exited (its parent changed); the first time,
+        a stop is asked for as by SIGTERM."""
+        if self.launcher is None or os.getppid() == self.launcher:
+            return False
+        if not self.signum:
+            announce, self.announce = self.announce, None  # its own line, not SIGTERM's
+            self._handle(signal.SIGTERM, None)
+            self.announce = announce
+            if announce:
+                announce(f"\nthe launcher (process {self.launcher}) has exited: stopping after this step with a "
+                         "checkpoint")
+        self.launcher = None  # said once
+        return True
+
     def agreed(self, step: int) -> int:
         """The signal number if any rank had received one by the check before this one, else 0;
         the same on every rank at the same step. Every rank calls it once a step."""
+        self.launcher_gone()
         if not is_distributed():
             return self.signum
         if step % self.every:

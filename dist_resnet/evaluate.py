@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import checkpoint, cli, data, datasets, distributed, recipe, report, rundir
-from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, positive, rank_from_env
+from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, launcher_problem, positive, rank_from_env
 from dist_resnet.model import WeightsError, load_model
 
 PROG = "dist_resnet/evaluate.py"
@@ -47,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--output-dir", type=Path,
                         help="default: eval/ in the run's directory (eval/step-N for a checkpoint)")
     parser.add_argument("--cpu", action="store_true")
-    return Options(**vars(parser.parse_args(argv)))
+    options = Options(**vars(parser.parse_args(argv)))
+    problem = launcher_problem()  # evaluate.py runs under a launcher too
+    if problem:
+        parser.error(problem)
+    return options
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def find_source(path: Path) -> Source:
     if not (directory / rundir.RECORD).is_file():
         return Source(weights, output_dir=directory / "eval")
     record = rundir.RunRecord.read(directory)
-    if path.is_dir() and not weights.is_file():
+    if path.is_dir() and not os.path.lexists(weights):  # one that is there but unreadable is said so
         # An interrupted run has no final weights yet: its newest checkpoint is the best there is.
         found = checkpoint.complete_checkpoints(directory)
         if not found:
@@ -135,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         source, model, card = read_weights(options.weights)
+        accelerator = distributed.setup(cpu=options.cpu, timeout_s=Config.dist_timeout,
+                                        mixed_precision=options.mixed_precision or source.mixed_precision)
     except cli.USER_ERROR_TYPES as err:
         return cli.fail(PROG, err, show=rank_from_env() == 0)
-    accelerator = distributed.setup(cpu=options.cpu, timeout_s=Config.dist_timeout,
-                                    mixed_precision=options.mixed_precision or source.mixed_precision)
     say = lambda message: distributed.print_main(accelerator, message)  # noqa: E731
     try:
         if source.note:

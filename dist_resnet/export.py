@@ -21,7 +21,8 @@ import torch
 
 from dist_resnet import checkpoint, cli, data, datasets, files, rundir
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
-from dist_resnet.model import WeightsError, from_notebook_names, load_model, to_notebook_names, weights_path
+from dist_resnet.model import (WeightsError, from_notebook_names, load_model, open_weights, to_notebook_names,
+                                weights_path)
 
 PROG = "dist_resnet/export.py"
 OPSET = 17
@@ -162,10 +163,11 @@ def run_data_dir(weights: Path) -> str | None:
 def notebook_state(path: Path) -> dict:
     """The state dict a notebook saved (torch.save), with ResNet's names. Read with
     weights_only: tensors and containers only, no pickled code runs."""
-    if not path.is_file():  # a FIFO would block
-        raise WeightsError(f"{path}: no such file, or not a regular file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_weights(path) as file:  # files.open_checked: a FIFO is refused, not waited on
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
         raise WeightsError(f"{path}: not a PyTorch state dict ({' '.join(str(err).split())[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

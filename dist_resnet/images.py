@@ -1,10 +1,13 @@
 """A photo or scan of one handwritten digit, brought to the form MNIST's digits have; or any
 image, converted and resized to a data set's channels and size."""
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from dist_resnet import files
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 # The only decoders a file may reach, whatever its name says: Pillow picks a decoder by a
@@ -21,24 +24,32 @@ class InputError(Exception):
     """An input path that is missing, not an image, or holds no digit."""
 
 
+MAX_IMAGE_FILE_BYTES = 2**28  # a 16-bit 8000 x 8000 photo; Pillow bounds the pixels itself
+
+
 def open_image(path: Path) -> Image.Image:
     """The image file at path, opened as PNG or JPEG only (FORMATS); otherwise InputError saying
-    what it holds (the caller names the file). Opening reads the header; decoding happens on
-    first use."""
+    what it holds (the caller names the file). The file is read through files.read_checked (a
+    FIFO or a device is refused, not waited on, and a file is read up to a bound); decoding
+    happens on first use."""
     try:
-        return Image.open(path, formats=FORMATS)
+        content = files.read_checked(path, MAX_IMAGE_FILE_BYTES)
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except files.NotReadable as err:
+        raise InputError(str(err)) from None
+    try:
+        return Image.open(io.BytesIO(content), formats=FORMATS)
     except Image.UnidentifiedImageError:
-        found = _format_of(path)
+        found = _format_of(content[:16])
         raise InputError(f"{found}, not a PNG or JPEG image (only these are read)" if found else
                          "not a readable image (its content is not PNG or JPEG)") from None
 
 
-def _format_of(path: Path) -> str | None:
+def _format_of(prefix: bytes) -> str | None:
     """What a file that is not PNG or JPEG holds, as Pillow would name it, found by the format
     plugins' checks of its first bytes alone (nothing is decoded, nothing is run); None for
     content that no plugin claims."""
-    with open(path, "rb") as file:
-        prefix = file.read(16)
     Image.init()
     for name in Image.ID:
         accept = Image.OPEN[name][1]
@@ -113,18 +124,18 @@ def to_mnist(image: Image.Image) -> np.ndarray:
 def image_files(paths: list[str | Path]) -> list[Path]:
     """The image files named, with directories replaced by their .png/.jpg/.jpeg files
     (not recursive), in sorted order."""
-    files = []
+    found = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
-            if not found:
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+            if not inside:
                 raise InputError(f"{path}: no .png, .jpg or .jpeg files in this directory")
-            files += found
-        elif path.is_file():
-            files.append(path)
+            found += inside
+        elif path.exists():  # reading it says what it is, if not an image file (a FIFO)
+            found.append(path)
         else:
             raise InputError(f"{path}: no such file or directory")
-    return files
+    return found
 
 
 def read_digit(path: Path) -> np.ndarray:

@@ -2,7 +2,6 @@
 and classes; and its weights file, which also says what the model was trained on."""
 
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +11,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from dist_resnet import files
 
 REFERENCE_WIDTHS = (32, 64, 128)
 NUM_CLASSES = 10
@@ -162,6 +163,20 @@ def weights_path(path: str | Path) -> Path:
 
 
 MAX_CARD_BYTES = 2**20  # a card of 100,000 class names of 10 characters
+MAX_WEIGHTS_BYTES = 2**33  # the reference model's weights have 1.2 MB; the names and shapes bound what is read
+
+
+def open_weights(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES):
+    """A weights file opened through files.open_checked (a FIFO or a device is refused at once,
+    not waited on); WeightsError names what is wrong. safetensors reads it by files.fd_path."""
+    try:
+        return files.open_checked(path, max_bytes)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except files.NotReadable as err:
+        raise WeightsError(f"{path}: {err}") from None
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
 def read_card(path: str | Path) -> dict | None:
@@ -170,8 +185,10 @@ def read_card(path: str | Path) -> dict | None:
     carried it (an MNIST model). WeightsError for a card that is there but not a JSON object."""
     path = weights_path(path)
     try:
-        with safe_open(path, framework="pt") as file:
+        with open_weights(path) as opened, safe_open(files.fd_path(opened), framework="pt") as file:
             text = (file.metadata() or {}).get(CARD_KEY)
+    except WeightsError:
+        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
     if text is None:
@@ -197,12 +214,13 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     weights that are not all finite are refused. widths_ok says which widths are sane to
     build (config.WIDTHS.accepts)."""
     path = weights_path(path)
-    if os.path.exists(path) and not path.is_file():  # a FIFO would block
-        raise WeightsError(f"{path}: not a regular file")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
+    with open_weights(path) as opened:  # every read below is of this one checked file
+        return _load_opened(path, files.fd_path(opened), widths_ok)
+
+
+def _load_opened(path: Path, source: str, widths_ok: Callable[[tuple[int, ...]], bool]) -> ResNet:
     try:
-        with safe_open(path, framework="pt") as file:
+        with safe_open(source, framework="pt") as file:
             shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
@@ -223,7 +241,7 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool]) -
     if wrong:
         raise WeightsError(f"{path}: weights do not fit the model ({'; '.join(wrong[:3])})")
     try:
-        state = load_file(path)
+        state = load_file(source)
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
     for name, tensor in state.items():

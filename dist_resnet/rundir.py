@@ -107,12 +107,9 @@ def default_run_name() -> str:
 def holds_run(directory: Path) -> bool:
     """Whether directory holds a dist_resnet run: its record, config.json, says so (even a
     record of another version). Other files, whatever their names, are someone else's."""
-    path = Path(directory) / RECORD
-    if not path.is_file() or path.is_symlink():
-        return False
     try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        values = json.loads(files.read_checked(Path(directory) / RECORD, files.MAX_RECORD_BYTES, links=False))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # files.NotReadable is a ValueError
         return False
     return isinstance(values, dict) and "format" in values and "run_id" in values
 

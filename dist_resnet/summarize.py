@@ -92,20 +92,13 @@ class Damaged(Exception):
 
 
 MAX_REPORT_BYTES = 2**24  # the report of 100,000 classes
-MAX_LINE_BYTES = 2**16  # a metrics record has a few hundred bytes
-
-
-def _regular(path: Path) -> None:
-    if path.is_symlink() or not path.is_file():
-        raise Damaged(f"{path}: not a regular file")
 
 
 def _accuracy(report: Path) -> float:
-    _regular(report)
-    if report.stat().st_size > MAX_REPORT_BYTES:
-        raise Damaged(f"{report}: {report.stat().st_size} bytes, more than a report has")
     try:
-        accuracy = json.loads(report.read_text())["accuracy"]
+        accuracy = json.loads(files.read_checked(report, MAX_REPORT_BYTES, links=False).decode())["accuracy"]
+    except files.NotReadable as err:
+        raise Damaged(f"{report}: {err}") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
         raise Damaged(f"{report}: unreadable ({type(err).__name__}: {' '.join(str(err).split())[:80]})") from None
     if type(accuracy) not in (int, float) or not 0 <= accuracy <= 1:
@@ -115,30 +108,25 @@ def _accuracy(report: Path) -> float:
 
 def _training_log(path: Path) -> tuple[list[int], list[float]]:
     """The steps and the images/s of metrics.jsonl's training records, read a line at a time
-    (a long run's log is never held whole). A line cut short by a crash is skipped, as
-    files.read_jsonl does; a training record whose fields are not what a run writes is damage."""
-    if not os.path.lexists(path):
-        return [], []
-    _regular(path)
+    (files.jsonl_records: a long run's log is never held whole). A line cut short by a crash is
+    skipped; a training record whose fields are not what a run writes is damage."""
     steps, speeds = [], []
-    with open(path, "rb") as file:
-        for number, line in enumerate(iter(lambda: file.readline(MAX_LINE_BYTES), b""), 1):
-            if len(line) >= MAX_LINE_BYTES and not line.endswith(b"\n"):
-                raise Damaged(f"{path}: line {number} is longer than {MAX_LINE_BYTES} bytes")
-            try:
-                record = json.loads(line)
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                continue
-            if not isinstance(record, dict) or record.get("event") != "train":
+    try:
+        for number, (_, record) in enumerate(files.jsonl_records(path), 1):
+            if record is None or record.get("event") != "train":
                 continue
             step, speed = record.get("step"), record.get("images_per_s")
             if type(step) is not int or step < 0:
-                raise Damaged(f"{path}: line {number}: a training record whose step is {str(step)[:40]!r}")
+                raise Damaged(f"{path}: record {number}: a training record whose step is {str(step)[:40]!r}")
             if speed is not None and not (type(speed) in (int, float) and 0 <= speed < math.inf):
-                raise Damaged(f"{path}: line {number}: images_per_s {str(speed)[:40]!r} is not a number >= 0")
+                raise Damaged(f"{path}: record {number}: images_per_s {str(speed)[:40]!r} is not a number >= 0")
             steps.append(step)
             if speed is not None:
                 speeds.append(float(speed))
+    except files.NotReadable as err:
+        raise Damaged(f"{path}: {err}") from None
+    except OSError as err:
+        raise Damaged(f"{path}: unreadable ({err.strerror or err})") from None
     return steps, speeds
 
 
@@ -236,6 +224,7 @@ def figure(summary: list[dict], results: list[RunResult]):
     # matplotlib's Agg canvas directly, never pyplot (as plots.py, and for its reasons).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
 
     labels = [wrapped(entry["label"]) for entry in summary]
     label_lines = max(label.count("\n") + 1 for label in labels)
@@ -249,6 +238,7 @@ def figure(summary: list[dict], results: list[RunResult]):
         ax.errorbar(x + 0.15, stats["mean"], yerr=stats["std"] or 0, fmt="o", color="black", capsize=4, zorder=3)
     ax.set_xticks(range(len(summary)), labels, fontsize=8)
     ax.set_xlim(-0.5, len(summary) - 0.5)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))  # percentages, as every other plot
     ax.set_ylabel("final test accuracy")
     repeated = any(entry["duplicate_seeds"] for entry in summary)
     ax.set_title(f"{sum(e['test_acc']['n'] for e in summary)} runs (dots), mean ± std (bars)"

@@ -40,8 +40,12 @@ class MetricsFile:
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = []
         if resume_step is not None:
-            kept = [r for r in self.records() if isinstance(r.get("step"), int) and r["step"] <= resume_step]
-        files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            # Streamed, a line at a time: a long run's log is never held whole. A file that is
+            # not a regular one of the run's (a FIFO, a link, /dev/zero) is refused before a read.
+            kept = (line if line.endswith(b"\n") else line + b"\n"
+                    for line, record in files.jsonl_records(self.path)
+                    if record is not None and type(record.get("step")) is int and record["step"] <= resume_step)
+        files.write_atomic(self.path, kept)  # files.NotReadable: the caller says what to do
 
     def append(self, record: dict) -> None:
         files.append_line(self.path, json.dumps(record))

@@ -5,6 +5,7 @@ run exactly; SIGUSR1, SIGTERM or Ctrl-C checkpoint and stop it.
     accelerate launch dist_resnet/train.py [options]     # see --help and README.md
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dist_resnet import (best, checkpoint, cli, compile_cache, data, datasets, distributed, files, profiling,
                          provenance, recipe, report, rundir, tracking)
-from dist_resnet.config import Config, ExitCode, options_given, parse_config
+from dist_resnet.config import Config, ExitCode, options_given, parse_config, rank_from_env
 from dist_resnet.model import CARD_KEY, count_parameters
 
 PROG = "dist_resnet/train.py"
@@ -41,16 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     clock = {"started": started, "imports_s": time.time() - started}
     argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
+    given = options_given(argv)
+    implied = precision_implied(config, given)  # the fast recipe's bf16, which a CPU may not do fast
     setup_began = time.perf_counter()
     try:
         accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
-                                        timeout_s=config.dist_timeout)
+                                        timeout_s=config.dist_timeout, implied=implied)
     except distributed.RendezvousError as err:
         return cli.fail(PROG, err, show=err.show)
+    except distributed.LaunchError as err:  # every rank has the same environment: rank 0 says it
+        return cli.fail(PROG, err, show=rank_from_env() == 0)
     if distributed.is_distributed():
         distributed.print_main(accelerator, distributed.joined())
     clock["setup_s"] = time.perf_counter() - setup_began
-    run = Run(config, accelerator, options_given(argv), clock)
+    if implied and accelerator.mixed_precision != config.mixed_precision:
+        # The recipe's precision fell back (distributed.cpu_precision): the record says what the
+        # run got, so that --resume auto, which reads it, resolves the same way.
+        config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
+    run = Run(config, accelerator, given, clock)
     try:
         run.start()
         return train(run)
@@ -214,6 +223,10 @@ class Run:
                 # A continued run keeps its history up to the checkpoint; a new one starts empty.
                 resume_step = (meta.step if meta else 0) if claim.continues else None
                 self.metrics = tracking.MetricsFile(self.output_dir, resume_step)
+            except files.NotReadable as err:
+                self.trackers.close()
+                raise rundir.RunDirError(f"{self.output_dir / 'metrics.jsonl'}: {err}; not this run's log: "
+                                         "move it aside and resume again (its history is then lost)") from None
             except OSError as err:
                 self.trackers.close()
                 raise rundir.CannotWrite(f"cannot write in {self.output_dir} ({err.strerror or err})") from None
@@ -486,6 +499,8 @@ class Run:
         """Final weights first (when resumed from the final checkpoint they were not written
         yet), then the report, plots and trackers from the final evaluation."""
         if self.evaluated_at != self.step:  # resumed from the final checkpoint: nothing was trained
+            self.say(f"the run had finished (step {self.step} of {self.recipe.total_steps}): nothing to train; "
+                     "its final report again")
             self.evaluation = self.recipe.evaluate(self.test_data)
             self.evaluate_ema()
         if self.weights_at != self.step:
@@ -573,6 +588,17 @@ def cpu_notice(config: Config, device_type: str, images_left: int) -> str | None
     return (f"note: this is the reference recipe, meant for GPUs, on the CPU: about {estimate} at about "
             f"{CPU_IMAGES_PER_S} images/s (docs/launching.md); it runs on, but for a run of seconds try: "
             f"{DEBUG_COMMAND}{data}")
+
+
+def precision_implied(config: Config, given: dict) -> bool:
+    """Whether the run's mixed precision is the fast recipe's own choice: neither the command
+    line nor an options file (--config, or the record that --resume auto continues) gives it."""
+    if config.recipe != "fast":
+        return False
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--mixed-precision")
+    known, _ = pre.parse_known_args(given["command_line"])
+    return known.mixed_precision is None and "mixed_precision" not in (given["config_file_options"] or {})
 
 
 def continue_command(output_dir: Path) -> str:

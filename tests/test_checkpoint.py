@@ -23,6 +23,7 @@ from conftest import (RESUME_ARGS, RESUME_STEPS, TRAIN_PY, assert_one_line_error
                       train_here, train_records, wait_for, worker_pids)
 from dist_resnet.checkpoint import IncompatibleCheckpoint, complete_checkpoints, read_meta
 from dist_resnet.config import Config
+from dist_resnet.files import DirectoryLock
 
 # Slow: every test starts real training processes; signals, kills and resumes are what it checks.
 pytestmark = pytest.mark.slow
@@ -243,6 +244,28 @@ def test_a_dead_rank_ends_the_job_fast(mnist_dir, tmp_path):
     assert returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to notice a dead rank"
     assert not worker_pids(str(out)), "a rank outlived the job"
+
+
+def test_ranks_whose_launcher_died_stop_with_a_checkpoint_and_free_the_directory(mnist_dir, tmp_path):
+    """SIGKILL to `accelerate launch` alone (as the OOM killer would): its ranks notice that
+    their parent has changed, stop at the next stop check as on SIGTERM, with a checkpoint,
+    and exit, releasing the output directory's lock; they do not train on to the end."""
+    out = tmp_path / "out"
+    args = ["--data-dir", mnist_dir, *ARGS, "--epochs", "50", "--report-to", "none", "--output-dir", out]
+    process = start(launch_command(2, *args), tmp_path / "run.log", env=ONE_THREAD)
+    wait_for(lambda: len(train_records(out)) >= 3, timeout=120, what="training to start")
+    assert len(worker_pids(str(out))) == 2
+    os.kill(process.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    process.wait(timeout=30)
+    wait_for(lambda: not worker_pids(str(out)), timeout=120, what="the orphaned ranks to stop")
+    log = (tmp_path / "run.log").read_text()
+    assert "has exited: stopping after this step with a checkpoint" in log, log[-3000:]
+    stopped_step = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert complete_checkpoints(out)[-1].name == f"step-{stopped_step:08d}"
+    assert not (out / "model.safetensors").exists()  # stopped, not trained to the end
+    lock = DirectoryLock(out)
+    lock.acquire()  # free again
+    lock.release()
 
 
 @pytest.mark.parametrize("rank", [0, 1])

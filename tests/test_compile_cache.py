@@ -19,6 +19,7 @@ from dist_resnet import compile_cache
 from dist_resnet.compile_cache import Refused, Store, WarmStart
 
 ENV = compile_cache.environment(torch.device("cpu"))
+PARTS = {"widths": [8]}
 
 
 @pytest.fixture(autouse=True)
@@ -49,21 +50,21 @@ def test_the_key_is_private_made_once_and_refused_when_others_can_read_it(tmp_pa
 
 def test_an_artifact_is_read_back_only_with_its_key_bytes_and_environment(tmp_path):
     store, key = Store(tmp_path / "store", "test"), compile_cache.user_key()
-    assert store.read("entry", key, ENV) is None  # nothing there: no refusal
-    store.write("entry", key, ENV, b"payload")
-    assert store.read("entry", key, ENV) == b"payload"
+    assert store.read("entry", key, ENV, PARTS) is None  # nothing there: no refusal
+    store.write("entry", key, ENV, PARTS, b"payload")
+    assert store.read("entry", key, ENV, PARTS) == b"payload"
     with pytest.raises(Refused, match="MAC does not verify"):
-        store.read("entry", os.urandom(compile_cache.KEY_BYTES), ENV)  # another user's key
+        store.read("entry", os.urandom(compile_cache.KEY_BYTES), ENV, PARTS)  # another user's key
     with pytest.raises(Refused, match="another environment: torch 0.0 .here"):
-        Store(tmp_path / "other", "test").write("entry", key, {**ENV, "torch": "0.0"}, b"payload")
-        Store(tmp_path / "other", "test").read("entry", key, ENV)
+        Store(tmp_path / "other", "test").write("entry", key, {**ENV, "torch": "0.0"}, PARTS, b"payload")
+        Store(tmp_path / "other", "test").read("entry", key, ENV, PARTS)
     (tar,) = (tmp_path / "store").glob("entry.*.tar")
     tar.write_bytes(b"pazload")  # same size, altered
     with pytest.raises(Refused, match="MAC does not verify"):
-        store.read("entry", key, ENV)
-    (tmp_path / "store" / "entry.json").write_text('{"format": 1, "sha256": "../../etc/passwd"}')
+        store.read("entry", key, ENV, PARTS)
+    (tmp_path / "store" / "entry.json").write_text('{"format": 2, "sha256": "../../etc/passwd"}')
     with pytest.raises(Refused, match="not a compile-cache header"):
-        store.read("entry", key, ENV)
+        store.read("entry", key, ENV, PARTS)
 
 
 class _Marker:
@@ -93,7 +94,7 @@ def test_a_crafted_artifact_in_a_foreign_run_is_refused_and_nothing_of_it_runs(t
     marker = tmp_path / "marker"
     foreign = Store(tmp_path / "foreign-run" / compile_cache.RUN_DIR, "--resume's run")
     warm = WarmStart([foreign], [], torch.device("cpu"), {"widths": [8]}, writer=True)
-    foreign.write(warm.name, os.urandom(compile_cache.KEY_BYTES), ENV, _crafted_tar(marker))
+    foreign.write(warm.name, os.urandom(compile_cache.KEY_BYTES), ENV, {"widths": [8]}, _crafted_tar(marker))
     warm.load()
     assert len(warm.refusals) == 1 and "MAC does not verify" in warm.refusals[0]
     assert warm.status(0).startswith("cold (") and "MAC" in warm.status(0)
@@ -114,7 +115,7 @@ def test_unpack_writes_only_plain_relative_files(tmp_path):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
     target = tmp_path / "cache"
-    assert compile_cache.unpack(buffer.getvalue(), target) is None
+    assert compile_cache.unpack(buffer.getvalue(), target) == (None, 1)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["cache/ok/a.py"]
 
 
@@ -156,7 +157,7 @@ def test_the_artifact_carries_new_files_and_is_refreshed_only_when_new_ones_appe
 def _write_many(directory: str, tag: bytes, count: int) -> None:
     store, key = Store(directory, "shared"), compile_cache.user_key()
     for i in range(count):
-        store.write("entry", key, ENV, tag * (1000 + i))
+        store.write("entry", key, ENV, PARTS, tag * (1000 + i))
 
 
 def test_two_processes_writing_one_store_at_once_never_leave_a_bad_artifact(tmp_path):
@@ -171,14 +172,14 @@ def test_two_processes_writing_one_store_at_once_never_leave_a_bad_artifact(tmp_
         writer.start()
     store, key, seen = Store(shared, "shared"), compile_cache.user_key(), set()
     while any(w.is_alive() for w in writers):
-        payload = store.read("entry", key, ENV)
+        payload = store.read("entry", key, ENV, PARTS)
         if payload is not None:
             assert set(payload) <= {ord("a")} or set(payload) <= {ord("b")}
             seen.add(payload[:1])
     for writer in writers:
         writer.join()
         assert writer.exitcode == 0
-    assert store.read("entry", key, ENV) in (b"a" * 1199, b"b" * 1199)
+    assert store.read("entry", key, ENV, PARTS) in (b"a" * 1199, b"b" * 1199)
     assert not list(Path(shared).glob(".*.tmp"))
     assert seen
 

@@ -42,7 +42,9 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError, match=r"could not download MNIST into .* Copy the four files .*\*-ubyte\.gz"):
         ensure_mnist(tmp_path / "new" / "data", download=True)
-    assert not list(tmp_path.iterdir())  # nothing that was not there before: no empty MNIST/raw, no data/
+    # The directory the message asks the files to be copied into is made, and left empty.
+    root = tmp_path / "new" / "data" / "MNIST" / "raw"
+    assert root.is_dir() and not list(root.iterdir())
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     (tmp_path / "MNIST" / "raw" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="could not download MNIST"):
@@ -91,7 +93,7 @@ def test_a_killed_decompression_leaves_no_partial_file(data_copy):
         "import sys, time, gzip; from dist_resnet import data\n"
         "class Slow(gzip.GzipFile):\n"
         "    def read(self, n=-1):\n        time.sleep(0.2); return super().read(n)\n"
-        "data.gzip.open = lambda path, mode: Slow(path, mode)\n"
+        "data.gzip.open = lambda file, mode: Slow(fileobj=file, mode=mode)\n"
         "data.ensure_mnist(sys.argv[1], download=False)"), str(data_copy)])
     wait_for(lambda: list(raw.glob(f".{name}.*.tmp")), timeout=60, what="the decompression to start")
     unpacker.kill()
@@ -217,3 +219,32 @@ def test_processes_sharing_one_data_directory_never_read_a_half_written_file(mni
     images, labels = load_split(mnist_dir, "train")
     expected = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     assert {out.strip() for out, _ in outputs} == {expected}
+
+
+def test_each_epoch_of_a_run_trains_in_the_samplers_order_of_that_epoch(mnist_dir, tmp_path, monkeypatch):
+    """What train.py feeds the step (Recipe.batches, then the split's batches): epoch e's
+    training indices are DistributedSampler's order for epoch e (torch.randperm seeded with
+    seed + e, its definition), a new order each epoch."""
+    from conftest import train_here
+    from dist_resnet import data
+
+    train_size, batch, seed = 192, 64, 3
+    fed = []
+    original = data.Resident.batches
+
+    def recording(self, index_batches):
+        index_batches = list(index_batches)
+        if len(self) == train_size:  # the training split (the test split has 64 images)
+            fed.extend(index.tolist() for index in index_batches)
+        return original(self, index_batches)
+
+    monkeypatch.setattr(data.Resident, "batches", recording)
+    result = train_here(["--data-dir", mnist_dir, "--widths", "4,4,4", "--batch-size", batch, "--train-limit",
+                         train_size, "--test-limit", 64, "--epochs", 2, "--seed", seed, "--no-download",
+                         "--report-to", "none", "--output-dir", tmp_path / "out"], threads=1)
+    assert result.returncode == 0, describe(result)
+    orders = [torch.randperm(train_size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+              for epoch in range(2)]
+    assert orders[0] != orders[1]
+    assert [i for index in fed for i in index] == orders[0] + orders[1]
+    assert [len(index) for index in fed] == [batch] * 6

@@ -50,12 +50,18 @@ def one_node_jobs(slurm_cluster, mnist_dir, tmp_path_factory) -> dict:
     for directory in (bad, array, submitted):
         directory.mkdir()
 
+    # Each task's line of ARRAY_ARGS, quoted as in a shell; a value naming --output-dir must
+    # not stop the script adding its own (the task's directory below).
+    grid = array / "grid.txt"
+    grid.write_text("--notes 'task zero --output-dir elsewhere'\n--notes \"task one\"\n")
+
     def array_job():
         result = slurm_cluster.run(
             "sbatch", "--wait", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
             f"--output={array}/slurm-%A_%a.out", SBATCH, "--data-dir", str(mnist_dir), *QUICK,
             "--train-limit", "512", "--epochs", "1", "--seed", "{task}", "--report-to", "wandb",
-            cwd=submitted, env=job_env(slurm_cluster, TRAIN_PY=str(REPO / "dist_resnet" / "train.py")), timeout=600)
+            cwd=submitted, env=job_env(slurm_cluster, TRAIN_PY=str(REPO / "dist_resnet" / "train.py"), ARRAY_ARGS=str(grid)),
+            timeout=600)
         return result, job_log(array), submitted
 
     return run_together({"bad option": lambda: submit(slurm_cluster, bad, "--lr", "-1"), "array": array_job})
@@ -118,6 +124,7 @@ def test_a_job_array_gives_each_task_its_run_and_one_summary(one_node_jobs, slur
         config = json.loads((task / "config.json").read_text())
         assert config["seed"] == index and config["group"] == f"array-{array_id}"
         assert config["run_name"] == f"array-{array_id}-{index}"
+        assert config["notes"] == ["task zero --output-dir elsewhere", "task one"][index]
         assert len(list(task.glob("wandb/offline-run-*/run-*.wandb"))) == 1
 
     summary_dir = tmp_path / "summary"
