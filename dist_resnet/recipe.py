@@ -132,6 +132,8 @@ class Recipe:
     def __init__(self, config: Config, accelerator: Accelerator, train):
         self.config, self.accelerator = config, accelerator
         self.train, self.spec = train, train.spec  # a data.Resident or data.Streamed training split
+        if config.augment:  # the step learns which samples it trains on: their keys choose their transforms
+            self.train = KeyedSplit(train)
         world_size = accelerator.num_processes
         self.per_process_batch = config.batch_size // world_size
         self.sampler = data.make_sampler(len(train), world_size, accelerator.process_index,
@@ -214,12 +216,16 @@ class Recipe:
         """One optimizer step on a batch of 0-255 pixels, its forward and backward in
         --accumulate micro-batches; DDP all-reduces the gradients in the last one only. Nothing
         in it waits for the device. The loss (the batch's mean) stays on the device."""
-        parts = [(x, y) for x, y in zip(images.tensor_split(self.config.accumulate),
-                                        labels.tensor_split(self.config.accumulate)) if len(y)]
+        keys = self.augment_keys(images)
+        parts = [(x, y, k) for x, y, k in zip(images.tensor_split(self.config.accumulate),
+                                              labels.tensor_split(self.config.accumulate),
+                                              keys.tensor_split(self.config.accumulate) if keys is not None
+                                              else [None] * self.config.accumulate) if len(y)]
         loss = None
-        for number, (part_images, part_labels) in enumerate(parts, 1):
+        for number, (part_images, part_labels, part_keys) in enumerate(parts, 1):
             with nullcontext() if number == len(parts) else self.accelerator.no_sync(self.model):
-                part_loss = self.backward_on(part_images, part_labels, share=len(part_labels) / len(labels))
+                part_loss = self.backward_on(part_images, part_labels, share=len(part_labels) / len(labels),
+                                             keys=part_keys)
             loss = part_loss if loss is None else loss + part_loss
         if self.config.clip_grad:  # unscales fp16 gradients first; the norm stays on the device
             self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
@@ -231,12 +237,23 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float) -> torch.Tensor:
+    def augment_keys(self, images: torch.Tensor) -> torch.Tensor | None:
+        """--augment: the augmentation keys (data.sample_keys) of the batch `images`, read from
+        the training split by KeyedSplit: seed, epoch and each sample's index, so that every
+        image of a global batch gets its own transform, the same for any process count. None
+        without --augment, or for images that did not come from the split (the global
+        generator then draws)."""
+        if not self.config.augment or self.train.last is None or self.train.last[0] is not images:
+            return None
+        return data.sample_keys(self.sampler.seed, self.sampler.epoch, self.train.last[1])
+
+    def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float,
+                    keys: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of a micro-batch that is `share` of the step's batch (all of
         it, 1, without --accumulate): its loss is weighted by its share, so the gradients add
         up to the batch's. Returns the weighted loss, detached."""
         if self.config.augment:
-            images = self.spec.augment(images)
+            images = self.spec.augment(images, keys)
         if self.cuda_graphs:  # tells CUDA-graph trees that the previous step's outputs are dead
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.forward(self.spec.normalize(images, channels_last=self.config.channels_last))
@@ -274,6 +291,28 @@ class Recipe:
         its BatchNorm buffers average each rank's own, so rank 0's are used, as for the model."""
         distributed.broadcast_buffers(self.ema.model)
         return evaluate(self.ema.model, test, self.accelerator, self.per_process_batch)
+
+
+class KeyedSplit:
+    """A training split (data.Resident or data.Streamed) that remembers the batch it yielded
+    last with its sample indices, for the step's augmentation keys (Recipe.augment_keys):
+    train.py hands the step images and labels only."""
+
+    def __init__(self, split):
+        self.split = split
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, their sample indices)
+
+    def __getattr__(self, name):  # everything else is the split's
+        return getattr(self.split, name)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, index_batches):
+        index_batches = list(index_batches)
+        for index, (images, labels) in zip(index_batches, self.split.batches(index_batches)):
+            self.last = (images, index.to(images.device))
+            yield images, labels
 
 
 @torch.no_grad()

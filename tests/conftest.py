@@ -302,3 +302,16 @@ def write_run_record(directory: Path, config) -> None:
                          steps_per_epoch=1, started="2026-12-02T00:00:00+0000", provenance={}, intra_op_threads=1)
     directory.mkdir(exist_ok=True)
     rundir.RunRecord("0123456789ab", config, facts).write(directory)
+
+
+STOP_WORKER = Path(__file__).resolve().parent / "stop_worker.py"
+
+
+def _two_process_stop(mnist_dir: Path, base: Path) -> subprocess.CompletedProcess:
+    """The stop check of a 2-process torchrun group (tests/stop_worker.py, --every 1, SIGUSR1
+    to rank 1 in step 5): the quick subset's multi-process agreement, started ahead (seconds)."""
+    return torchrun(2, STOP_WORKER, "--every", 1, "--signal-rank", 1, "--signal-step", 5, timeout=120,
+                    env={"OMP_NUM_THREADS": "1"})
+
+
+two_process_stop = launched_ahead(_two_process_stop)

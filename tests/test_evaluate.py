@@ -126,3 +126,29 @@ def test_every_rank_evaluates_rank_0s_batchnorm_statistics_for_the_model_and_its
         assert got[f"{name}_eval.predictions"].tolist() == logits.argmax(1).tolist(), name
         torch.testing.assert_close(got[f"{name}_eval.losses"], F.cross_entropy(logits, labels, reduction="none"),
                                    rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_evaluate_normalises_as_the_run_did_with_its_own_mean_and_std(mnist_dir, tmp_path, capsys):
+    """A run trained with --mean/--std far from MNIST's: evaluate.py, given the run's directory
+    (its config.json) or its weights file alone, copied elsewhere (the weights' description),
+    normalises the test images with the run's values and reproduces the training report."""
+    import json
+    import shutil
+
+    from conftest import in_process, train_here
+    from dist_resnet.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    result = train_here(["--data-dir", mnist_dir, "--widths", "4,8,8", "--batch-size", 64, "--lr", "3e-3",
+                         "--train-limit", 512, "--epochs", 1, "--mean", "0.6", "--std", "0.15", "--no-download",
+                         "--report-to", "none", "--output-dir", out], threads=1)
+    assert result.returncode == 0, describe(result)
+    trained = json.loads((out / "classification_report.json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(out / "model.safetensors", elsewhere)
+    for given, extra in ((out, []), (elsewhere / "model.safetensors", ["--data-dir", mnist_dir])):
+        evaluated = in_process(evaluate_main, [given, *extra, "--output-dir", tmp_path / "eval" / given.name], capsys)
+        assert evaluated.returncode == 0, describe(evaluated)
+        got = json.loads((tmp_path / "eval" / given.name / "classification_report.json").read_text())
+        assert got == trained, given

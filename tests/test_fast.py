@@ -46,9 +46,36 @@ def test_label_smoothing_must_be_a_fraction(value, monkeypatch):
     assert exit_info.value.code == 2
 
 
-def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path):
-    """One-cycle schedule, label smoothing, channels-last, BatchNorm recalibration: the
-    schedule is the one asked for and the run still learns."""
+def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path, monkeypatch):
+    """One-cycle schedule, label smoothing, channels-last, BatchNorm recalibration, each seen
+    doing what it says in a run of train.py: the schedule is the one asked for, every training
+    loss is smoothed, the weights the steps use are channels-last, each evaluation's
+    statistics come from the first 4 training batches of its epoch (not test images), and the
+    run still learns."""
+    from dist_resnet import data, model, recipe
+    from dist_resnet.model import ResNet
+
+    seen = {"smoothing": [], "channels_last": [], "recalibrated": []}
+    cross_entropy, forward = torch.nn.functional.cross_entropy, ResNet.forward
+
+    def smoothing(*args, **kwargs):
+        if kwargs.get("reduction", "mean") == "mean":  # the training loss (evaluation's is per sample)
+            seen["smoothing"].append(kwargs.get("label_smoothing", 0.0))
+        return cross_entropy(*args, **kwargs)
+
+    def layout(self, x):
+        if self.training:  # the steps and the recalibration (evaluation reads NCHW test batches)
+            seen["channels_last"].append(self.blocks[1].conv1.weight.is_contiguous(memory_format=torch.channels_last))
+        return forward(self, x)
+
+    def recalibrating(net, batches):
+        batches = list(batches)
+        seen["recalibrated"].append([b.clone() for b in batches])
+        model.recalibrate_batchnorm(net, batches)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", smoothing)
+    monkeypatch.setattr(ResNet, "forward", layout)
+    monkeypatch.setattr(recipe, "recalibrate_batchnorm", recalibrating)
     out = tmp_path / "out"
     result = train_here(["--data-dir", mnist_dir, *QUICK, "--lr", "1e-2", "--epochs", "3", "--train-limit", "2048",
                          "--log-every", "1", "--schedule", "onecycle", "--label-smoothing", "0.1", "--channels-last",
@@ -59,5 +86,13 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path):
     peak = lrs.index(max(lrs))
     assert lrs[0] < 1e-2 / 5 and lrs[-1] < 1e-4 and 0 < peak < len(lrs) - 1  # warm up, then anneal
     assert max(lrs) == pytest.approx(1e-2, rel=0.05)
+    assert len(seen["smoothing"]) == 48 and set(seen["smoothing"]) == {0.1}  # 3 epochs of 16 steps
+    assert len(seen["channels_last"]) == 48 + 3 * 4 and all(seen["channels_last"])
+    images, _ = data.load_split(mnist_dir, "train", 2048)
+    assert len(seen["recalibrated"]) == 3  # once per evaluation (each epoch)
+    for epoch, got in enumerate(seen["recalibrated"]):
+        order = torch.randperm(2048, generator=torch.Generator().manual_seed(epoch))  # seed 0 + epoch
+        expected = [data.normalize(images[index], channels_last=True) for index in order.split(128)[:4]]
+        assert len(got) == 4 and all(torch.equal(g, e) for g, e in zip(got, expected)), epoch
     report = json.loads((out / "classification_report.json").read_text())
     assert report["accuracy"] > 0.8

@@ -1,6 +1,7 @@
 """The three figures render as whole PNG images that decode, edge cases included."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,77 @@ def test_the_child_draws_with_this_copy_of_the_package_whatever_the_directory(tm
     assert set(plots_.finish(evaluation(), np.zeros((20, 1, 8, 8), np.uint8), None)) == {
         "confusion_matrix", "misclassified"}
     assert not (tmp_path / "marker").exists()
+
+
+# ---- what the figures show ---------------------------------------------------------------------
+
+class InProcessChild:
+    """Stands in for the drawing child of report.Plots: draws the request written to it here,
+    with report.draw_request, so that the figures can be read back before they become PNGs."""
+
+    def __init__(self, directory):
+        self.directory, self.stdin, self.stdout, self.returncode = directory, self, io.StringIO(), 0
+
+    def write(self, line):
+        from dist_resnet import report
+        self.stdout.write("\n".join(report.draw_request(Path(line.strip()), self.directory)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def poll(self):
+        return 0
+
+    def wait(self):
+        return 0
+
+    def kill(self):
+        pass
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures plots.py draws meanwhile, by name of the function that drew them."""
+    import inspect
+
+    drawn, png = {}, plots._png
+    monkeypatch.setattr(plots, "_png", lambda figure, **kw: drawn.setdefault(
+        inspect.stack()[1].function, figure) and png(figure, **kw))
+    return drawn
+
+
+def test_a_runs_figures_show_its_predictions(tmp_path, figures, monkeypatch):
+    """Known predictions through report.Plots, as a run draws them: each confusion matrix cell
+    (row: the true class, column: the predicted one) holds the count of its pairs, and the
+    misclassified panel shows the wrong predictions' own images, in test-set order, each
+    titled with its true and predicted class."""
+    from dist_resnet import report
+    from dist_resnet.metrics import Evaluation
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    predictions = np.array([0, 1, 1, 1, 1, 2, 0, 2, 3, 3, 3, 0])
+    wrong = [1, 2, 6, 8, 11]
+    names = ("zero", "one", "two", "three")
+    test_images = np.stack([np.full((1, 6, 6), 10 * (i + 1), np.uint8) for i in range(len(labels))])
+    monkeypatch.setattr(report.Plots, "_spawn", lambda self: InProcessChild(self.directory))
+    drawer = report.Plots(tmp_path, say=pytest.fail)
+    drawer.finish(Evaluation(labels, predictions, np.zeros(len(labels)), names), test_images, None)
+
+    matrix_ax = figures["plot_confusion_matrix"].axes[0]
+    counts = {(int(round(t.get_position()[1])), int(round(t.get_position()[0]))): int(t.get_text())
+              for t in matrix_ax.texts}  # (row, column) = (true, predicted)
+    expected = {(true, predicted): int(np.sum((labels == true) & (predictions == predicted)))
+                for true in range(4) for predicted in range(4)}
+    assert counts == expected and counts[(0, 1)] == 2 and counts[(1, 0)] == 0
+    assert matrix_ax.images[0].get_array()[0, 1] == 2 and matrix_ax.images[0].get_array()[1, 0] == 0
+    assert (matrix_ax.get_xlabel(), matrix_ax.get_ylabel()) == ("predicted", "true")
+
+    panel_ax = figures["plot_misclassified"].axes[0]
+    mosaic = np.asarray(panel_ax.images[0].get_array())
+    # Each title, and the image just below it (image i is filled with the grey 10 * (i + 1)).
+    shown = [(t.get_text(), int(mosaic[round(t.get_position()[1]) + 2, round(t.get_position()[0])]) // 10 - 1)
+             for t in panel_ax.texts]
+    assert shown == [(f"true {names[labels[i]]}\npred {names[predictions[i]]}", i) for i in wrong]

@@ -1,6 +1,7 @@
 """What users see: W&B and TensorBoard read back from their own files (no mocks), the plots,
 and evaluate.py reproducing the training report."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -70,12 +71,47 @@ def test_tensorboard_event_files_read_back(tracked_run):
     assert {"classification_report/text_summary", "config/text_summary"} <= set(tags["tensors"])
 
 
+@pytest.fixture(scope="module")
+def tracked_final_evaluation(tracked_run, mnist_dir):
+    """The final evaluation of the tracked run, recomputed in this process from its saved
+    weights (rank 0's BatchNorm statistics, which every rank evaluated), and the test images."""
+    from dist_resnet import data
+    from dist_resnet.config import WIDTHS
+    from dist_resnet.metrics import Evaluation
+    from dist_resnet.model import load_model
+
+    images, labels = data.load_split(mnist_dir, "test")
+    with torch.no_grad():
+        logits = load_model(tracked_run / "model.safetensors", WIDTHS.accepts).eval()(data.normalize(images))
+    names = tuple(str(c) for c in range(10))
+    return Evaluation(labels.numpy(), logits.argmax(1).numpy(), np.zeros(len(labels)), names), images
+
+
 @pytest.mark.parametrize("name", PLOTS)
-def test_plots_exist_and_decode(tracked_run, name):
+def test_plots_exist_and_decode(tracked_run, tracked_final_evaluation, name):
+    """Each plot decodes, and shows the run's own final evaluation and history: the same
+    pixels as the figure drawn here from the final weights' predictions (metrics.jsonl for
+    the curves). A transposed matrix or another image shown would differ."""
+    from dist_resnet import plots
+    from dist_resnet.images import displayable
+    from dist_resnet.metrics import MISCLASSIFIED_SHOWN
+
     with Image.open(tracked_run / name) as image:
         image.verify()
-    with Image.open(tracked_run / name) as image:
-        assert image.width > 200 and image.height > 100
+    evaluation, images = tracked_final_evaluation
+    assert (evaluation.labels != evaluation.predictions).any()  # the panel shows some images
+    records = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
+    names = evaluation.class_names
+    from sklearn.metrics import confusion_matrix  # counted independently of metrics.Evaluation
+    matrix = confusion_matrix(evaluation.labels, evaluation.predictions, labels=list(range(len(names))))
+    expected = {"confusion_matrix.png": lambda: plots.plot_confusion_matrix(matrix, names),
+                "curves.png": lambda: plots.plot_curves(records),
+                "misclassified.png": lambda: plots.plot_misclassified(
+                    {i: displayable(images[i].numpy()) for i in evaluation.mistakes(MISCLASSIFIED_SHOWN)},
+                    evaluation.labels, evaluation.predictions, max_images=MISCLASSIFIED_SHOWN, class_names=names)}
+    with Image.open(tracked_run / name) as got, Image.open(io.BytesIO(expected[name]())) as drawn:
+        assert got.width > 200 and got.height > 100
+        assert got.size == drawn.size and np.array_equal(np.asarray(got), np.asarray(drawn)), name
 
 
 @pytest.mark.slow  # evaluate.py started as users start it; in process: the tests below
@@ -266,3 +302,28 @@ def test_a_tracker_is_one_adapter_in_tracking_trackers(mnist_dir, tmp_path, monk
     assert [r["step"] for r in records if "train/train_loss" in r] == [1, 2]
     assert records[-2]["final_accuracy"] == json.loads((out / "classification_report.json").read_text())["accuracy"]
     assert records[-2]["plots"] == ["confusion_matrix", "curves", "misclassified"] and records[-1] == {"closed": True}
+
+
+def test_a_resumed_run_continues_its_wandb_run_under_the_id_of_config_json(tracked_run, tmp_path, monkeypatch):
+    """--resume auto of the tracked run (a copy; resumed in one process from its final
+    checkpoint, so nothing is trained): the new offline piece is the same W&B run, the id of
+    config.json, and config.json keeps that id."""
+    from conftest import train_here, wait_for
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    copy = tmp_path / "tracked"
+    shutil.copytree(tracked_run, copy, ignore=shutil.ignore_patterns("eval", ".lock", "launch.log"))
+    run_id = json.loads((copy / "config.json").read_text())["run_id"]
+    result = train_here(["--resume", "auto", "--output-dir", copy, "--report-to", "wandb"], threads=1)
+    assert result.returncode == 0, describe(result)
+    assert json.loads((copy / "config.json").read_text())["run_id"] == run_id
+    pieces = sorted(copy.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(pieces) == 2 and {p.name for p in pieces} == {f"run-{run_id}.wandb"}
+    # W&B's service process may still be writing the new piece (it runs on after finish() in process).
+    def run_ids():
+        try:
+            return {wandb_records.run_info(p)["run_id"] for p in pieces}
+        except AssertionError:  # no run record in it yet
+            return None
+    assert wait_for(run_ids, timeout=60, interval=0.5, what="the run records") == {run_id}

@@ -200,6 +200,26 @@ def test_accumulated_step_has_the_gradients_of_the_whole_batch(accelerator, mnis
     torch.testing.assert_close(steps[4][1], steps[1][1])
 
 
+def test_clipping_with_accumulation_clips_the_whole_batchs_gradients(accelerator, mnist_dir):
+    """--clip-grad with --accumulate 4: the bound applies to the step's summed gradients, once,
+    not to each micro-batch's part: the gradients applied and the norm reported are those of
+    --accumulate 1 (BatchNorm in eval mode, so that its statistics do not depend on the split)."""
+    free = make_recipe(accelerator, mnist_dir, "--epochs", 1)
+    free.net.eval()
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients_at_step(free)])))
+    steps = {}
+    for accumulate in (1, 4):
+        recipe = make_recipe(accelerator, mnist_dir, "--epochs", 1, "--clip-grad", norm / 3, "--accumulate", accumulate)
+        recipe.net.eval()
+        steps[accumulate] = gradients_at_step(recipe), recipe.grad_norm
+    torch.testing.assert_close(steps[4][1], steps[1][1], rtol=1e-4, atol=0)
+    assert float(steps[1][1]) == pytest.approx(norm, rel=1e-5)
+    for whole, parts in zip(steps[1][0], steps[4][0], strict=True):
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-6)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in steps[4][0]]))
+    assert float(after) == pytest.approx(norm / 3, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_path):
     """A real 2-process group: DDP's all-reduce runs in the last micro-batch only (as often as
@@ -413,10 +433,22 @@ def test_early_stop_stops_every_rank_at_the_same_epoch(mnist_dir, tmp_path):
     assert [r["epoch"] for r in train_records(out, "eval")] == [r["epoch"] for r in evals]
 
 
+# What "better" means for each metric --keep-best and --early-stop offer, written out here.
+BETTER = {"test_acc": max, "test_loss": min}
+
+
 def test_every_best_metric_has_a_direction():
-    from dist_resnet.best import HIGHER_IS_BETTER
+    """Every metric offered has a direction, and it is the metric's own: a higher accuracy
+    and a lower loss are improvements, the other way round are not."""
+    from dist_resnet.best import HIGHER_IS_BETTER, Best
     from dist_resnet.config import BEST_METRICS
-    assert set(HIGHER_IS_BETTER) == set(BEST_METRICS)
+    assert set(HIGHER_IS_BETTER) == set(BEST_METRICS) == set(BETTER)
+    for metric in BEST_METRICS:
+        best = Best(metric)
+        assert best.update({metric: 0.5}, 1)
+        better, worse = BETTER[metric](0.4, 0.6), {0.4: 0.6, 0.6: 0.4}[BETTER[metric](0.4, 0.6)]
+        assert not best.update({metric: worse}, 2), metric
+        assert best.update({metric: better}, 3) and (best.value, best.step) == (better, 3), metric
 
 
 # ---- profiling -----------------------------------------------------------------------------
