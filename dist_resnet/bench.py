@@ -31,7 +31,7 @@ import torch
 from dist_resnet import cli, data, datasets, distributed, files, provenance, recipe, tracking
 from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
-PROG = "python -m dist_resnet.bench"
+PROG = "dist_resnet/bench.py"
 SPEED = {"eager": ["--mixed-precision", "no", "--no-channels-last", "--no-compile"],
          "bf16": ["--mixed-precision", "bf16", "--channels-last"]}
 CONFIGS = {  # name: (what it is, train.py options)

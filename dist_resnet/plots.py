@@ -12,7 +12,7 @@ import math
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 
 MAX_ANNOTATED_CLASSES = 40
@@ -28,7 +28,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names=None) -> bytes:
     figure = Figure(figsize=(6.4, 5.6))
     ax = figure.add_subplot()
     image = ax.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    # Counts: ticks on whole numbers only (a matrix of a few samples would get 0.5, 1.5 ...).
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))
     classes = range(matrix.shape[0])
     labels = [str(c) for c in classes] if class_names is None else list(class_names)
     # Every text is a separate artist: the cost of drawing grows with the square of the

@@ -4,7 +4,8 @@
 
 The weights file says what the model was trained on. For MNIST, images of any size, dark ink
 on paper or light on dark, are brought to MNIST's form first; for other data sets each image
-is converted to the data set's channels and resized to its image size.
+is converted to the data set's channels and resized to its image size. read_image is that
+preparation, for use outside this command (an ONNX runtime: docs/evaluate-predict-export.md).
 """
 
 import json
@@ -37,12 +38,25 @@ def is_digits(spec: DataSpec) -> bool:
     return spec.name in datasets.DATASETS and datasets.DATASETS[spec.name].preprocess == "digit"
 
 
-def read_image(path: Path, spec: DataSpec) -> np.ndarray:
-    """uint8 [channels, height, width]: an image file as the model trained on spec sees it."""
+def read_image(path: str | Path, spec: DataSpec = MNIST_SPEC) -> np.ndarray:
+    """uint8 [channels, height, width], 0-255: an image file (PNG or JPEG) prepared as predict.py
+    prepares it for a model trained on spec, and as the exported ONNX graph takes it (stack
+    them for its `images` input; docs/evaluate-predict-export.md has a script). For MNIST, a
+    photo or scan of one digit is brought to MNIST's form (images.to_mnist: grey, white on
+    black, cropped, scaled to 20 px, centred by centre of mass in 28x28); for other data sets
+    it is converted to the data set's channels and resized to its size. The public preparation:
+    a plain resize of a photo is not what the model saw. InputError names a file it cannot read."""
+    path = Path(path)
     return read_digit(path)[None] if is_digits(spec) else read_resized(path, spec.channels, spec.size)
 
 
-PROG = "predict.py"
+def weights_spec(weights: str | Path) -> DataSpec:
+    """What a weights file, or a run's directory holding model.safetensors, says its model was
+    trained on: the spec read_image takes for a model of another data set than MNIST."""
+    return trained_on(weights_path(weights), load_model(weights, WIDTHS.accepts), None)
+
+
+PROG = "dist_resnet/predict.py"
 BATCH_PIXELS = 256 * 28 * 28  # images of a forward pass: 256 of MNIST's size, fewer of larger ones
 
 

@@ -91,7 +91,7 @@ def test_options_the_data_cannot_satisfy_are_one_line(capsys):
                                      "10"], capsys)
     assert result.returncode == 2, describe(result)
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
-    assert errors == ["python -m dist_resnet.bench: error: --batch-size 64 is larger than the 10 training images: "
+    assert errors == ["dist_resnet/bench.py: error: --batch-size 64 is larger than the 10 training images: "
                       "lower --batch-size"] and "Traceback" not in result.stderr
 
 

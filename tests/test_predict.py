@@ -178,7 +178,7 @@ def assert_one_line_error(code: int, stdout: str, stderr: str, expected: str) ->
     assert code == 2
     assert stdout == ""  # nothing half-printed before the error
     assert len(stderr.splitlines()) == 1 and "Traceback" not in stderr, stderr
-    assert stderr.startswith("predict.py: error: ") and expected in stderr, stderr
+    assert stderr.startswith("dist_resnet/predict.py: error: ") and expected in stderr, stderr
 
 
 @pytest.mark.parametrize("case", ["missing image", "not an image", "empty directory", "random bytes as weights",
