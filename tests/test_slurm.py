@@ -125,7 +125,7 @@ def test_a_job_array_gives_each_task_its_run_and_one_summary(one_node_jobs, slur
         assert config["seed"] == index and config["group"] == f"array-{array_id}"
         assert config["run_name"] == f"array-{array_id}-{index}"
         assert config["notes"] == ["task zero --output-dir elsewhere", "task one"][index]
-        assert len(list(task.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+        assert len(list(task.glob("wandb/offline-run-*/run-*.wandb"))) == 1, (sorted(map(str, task.rglob("*"))), log)
 
     summary_dir = tmp_path / "summary"
     summary = subprocess.run([sys.executable, "-m", "dist_resnet.summarize", *tasks, tasks[0].parent / "task-2",
