@@ -157,11 +157,10 @@ def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: di
     return final
 
 
-def rotate(output_dir: str | Path, keep: int) -> list[str]:
+def rotate(output_dir: str | Path, keep: int) -> None:
     """Remove all but the newest `keep` complete checkpoints. A checkpoint that is a symbolic
-    link loses its link, never what it points to. Returns warnings for what could not be
-    removed: the new checkpoint is complete whatever happens here."""
-    problems = []
+    link loses its link, never what it points to. What cannot be removed is a warning: the new
+    checkpoint is complete whatever happens here."""
     for old in complete_checkpoints(output_dir)[:-keep]:
         try:
             if old.is_symlink():
@@ -169,10 +168,8 @@ def rotate(output_dir: str | Path, keep: int) -> list[str]:
             else:
                 shutil.rmtree(old)
         except OSError as err:
-            problems.append(f"warning: cannot remove the old checkpoint {old} ({err.strerror or err})")
-    for problem in problems:
-        print(problem, file=sys.stderr, flush=True)
-    return problems
+            print(f"warning: cannot remove the old checkpoint {old} ({err.strerror or err})", file=sys.stderr,
+                  flush=True)
 
 
 def _together(action, tmp: Path, kept: list[Path]) -> None:

@@ -82,7 +82,6 @@ def _unpack(packed: Path, target: Path) -> None:
                 dst.write(chunk)
         os.replace(temp, target)
     except (OSError, EOFError, zlib.error, files.NotReadable) as err:
-        temp.unlink(missing_ok=True)
         raise DataError(f"{packed}: cannot decompress ({err}); delete it and copy it again") from None
     finally:
         temp.unlink(missing_ok=True)

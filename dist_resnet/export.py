@@ -166,8 +166,6 @@ def notebook_state(path: Path) -> dict:
     try:
         with open_weights(path) as file:  # files.open_checked: a FIFO is refused, not waited on
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
         raise WeightsError(f"{path}: not a PyTorch state dict ({' '.join(str(err).split())[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -136,7 +136,7 @@ def read_jsonl(path: str | Path, max_bytes: int = MAX_LOG_BYTES) -> tuple[list[d
     parse (a line cut short by a crash). A missing file holds no records; one that is not a
     regular file, is larger than max_bytes or has an overlong line raises NotReadable."""
     records, skipped = [], 0
-    for line, record in jsonl_records(path, max_bytes):
+    for _, record in jsonl_records(path, max_bytes):
         if record is None:
             skipped += 1
         else:

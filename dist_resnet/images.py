@@ -1,7 +1,8 @@
 """A photo or scan of one handwritten digit, brought to the form MNIST's digits have; or any
 image, converted and resized to a data set's channels and size."""
 
-import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +28,29 @@ class InputError(Exception):
 MAX_IMAGE_FILE_BYTES = 2**28  # a 16-bit 8000 x 8000 photo; Pillow bounds the pixels itself
 
 
-def open_image(path: Path) -> Image.Image:
-    """The image file at path, opened as PNG or JPEG only (FORMATS); otherwise InputError saying
-    what it holds (the caller names the file). The file is read through files.read_checked (a
-    FIFO or a device is refused, not waited on, and a file is read up to a bound); decoding
-    happens on first use."""
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """`with open_image(path) as image:` the image file at path, opened as PNG or JPEG only
+    (FORMATS); otherwise InputError saying what it holds (the caller names the file). The file
+    is opened through files.open_checked (a FIFO or a device is refused, not waited on; a file
+    over the bound is not read) and closed when the block ends. Opening reads the header;
+    decoding happens on first use, inside the block."""
     try:
-        content = files.read_checked(path, MAX_IMAGE_FILE_BYTES)
+        file = files.open_checked(path, MAX_IMAGE_FILE_BYTES)
     except FileNotFoundError:
         raise InputError("no such file") from None
     except files.NotReadable as err:
         raise InputError(str(err)) from None
-    try:
-        return Image.open(io.BytesIO(content), formats=FORMATS)
-    except Image.UnidentifiedImageError:
-        found = _format_of(content[:16])
-        raise InputError(f"{found}, not a PNG or JPEG image (only these are read)" if found else
-                         "not a readable image (its content is not PNG or JPEG)") from None
+    with file:
+        try:
+            image = Image.open(file, formats=FORMATS)
+        except Image.UnidentifiedImageError:
+            file.seek(0)
+            found = _format_of(file.read(16))
+            raise InputError(f"{found}, not a PNG or JPEG image (only these are read)" if found else
+                             "not a readable image (its content is not PNG or JPEG)") from None
+        with image:
+            yield image
 
 
 def _format_of(prefix: bytes) -> str | None:

@@ -187,8 +187,6 @@ def read_card(path: str | Path) -> dict | None:
     try:
         with open_weights(path) as opened, safe_open(files.fd_path(opened), framework="pt") as file:
             text = (file.metadata() or {}).get(CARD_KEY)
-    except WeightsError:
-        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a safetensors weights file ({err})") from None
     if text is None:
