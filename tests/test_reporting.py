@@ -304,7 +304,8 @@ def test_a_tracker_is_one_adapter_in_tracking_trackers(mnist_dir, tmp_path, monk
     assert records[-2]["plots"] == ["confusion_matrix", "curves", "misclassified"] and records[-1] == {"closed": True}
 
 
-def test_a_resumed_run_continues_its_wandb_run_under_the_id_of_config_json(tracked_run, tmp_path, monkeypatch):
+def test_a_resumed_run_continues_its_wandb_run_under_the_id_of_config_json(tracked_run, tmp_path, monkeypatch,
+                                                                               request):
     """--resume auto of the tracked run (a copy; resumed in one process from its final
     checkpoint, so nothing is trained): the new offline piece is the same W&B run, the id of
     config.json, and config.json keeps that id."""
@@ -312,6 +313,13 @@ def test_a_resumed_run_continues_its_wandb_run_under_the_id_of_config_json(track
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # W&B started in this process puts its service's address in os.environ (WANDB_SERVICE), and
+    # every process the suite starts later (the Slurm jobs) would log to that service: removed
+    # again when the test ends, and the service stopped.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    import wandb
+
+    request.addfinalizer(wandb.teardown)
     copy = tmp_path / "tracked"
     shutil.copytree(tracked_run, copy, ignore=shutil.ignore_patterns("eval", ".lock", "launch.log"))
     run_id = json.loads((copy / "config.json").read_text())["run_id"]
