@@ -228,6 +228,8 @@ def test_a_failed_save_says_which_checkpoint_is_newest(finished_run, tmp_path, a
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     (newest,) = checkpoint.complete_checkpoints(out)
+    older = newest.with_name("step-00000000")  # an older checkpoint too: the message names the newest
+    shutil.copytree(newest, older)
     meta = checkpoint.Meta.read(newest)
     parts = {"model": torch.nn.Linear(2, 2)}
     for directory, expected in ((out, f"the newest checkpoint is still {newest}"),
@@ -240,7 +242,7 @@ def test_a_failed_save_says_which_checkpoint_is_newest(finished_run, tmp_path, a
             checkpoint.save(accelerator, directory, checkpoint.Meta(meta.run_id, 9, 1, "no", meta.config, meta.window),
                             parts, keep=2)
         assert str(failed.value).endswith(expected), failed.value
-    assert checkpoint.complete_checkpoints(out) == [newest]
+    assert checkpoint.complete_checkpoints(out) == [older, newest]
 
 
 # ---- evaluate and predict name what they found -----------------------------------------------------
