@@ -221,7 +221,7 @@ def test_clipping_with_accumulation_clips_the_whole_batchs_gradients(accelerator
 
 
 @pytest.mark.slow
-def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_path):
+def test_accumulation_all_reduces_once_per_step_across_processes(accelerator, mnist_dir, tmp_path):
     """A real 2-process group: DDP's all-reduce runs in the last micro-batch only (as often as
     without accumulation), and the gradients are the unaccumulated step's. Slow: a torchrun
     launch, since what is counted is DDP's communication (the gradients: in process above)."""
@@ -239,6 +239,23 @@ def test_accumulation_all_reduces_once_per_step_across_processes(mnist_dir, tmp_
     count = len(tensors) // 2
     for i in range(count):
         torch.testing.assert_close(tensors[f"parts.{i}"], tensors[f"whole.{i}"], rtol=1e-4, atol=1e-6)
+
+    # --clip-grad with --accumulate 4 in the same launch: the bound applies to the all-reduced
+    # gradients, so every rank applies the same clipped gradients and reports the same norm,
+    # and they are one process's on the whole batch (computed here by the same function).
+    import toolkit_worker
+
+    from safetensors.torch import load_file
+
+    ranks = [load_file(f"{out}.clip-{rank}.safetensors") for rank in range(2)]
+    alone, _, norm = toolkit_worker.one_step(accelerator, str(mnist_dir), 1, "--clip-grad", str(toolkit_worker.CLIP_BOUND))
+    assert float(norm) > 10 * toolkit_worker.CLIP_BOUND  # clipping acted
+    for rank in ranks:
+        assert torch.equal(rank["grad_norm"], ranks[0]["grad_norm"])
+        torch.testing.assert_close(rank["grad_norm"], norm.reshape(1), rtol=1e-4, atol=0)
+        for i, expected in enumerate(alone):
+            torch.testing.assert_close(rank[f"grad.{i}"], expected, rtol=1e-4, atol=1e-6)
+            assert torch.equal(rank[f"grad.{i}"], ranks[0][f"grad.{i}"])
 
 
 def test_accumulation_must_divide_each_process_share(capsys, monkeypatch):
