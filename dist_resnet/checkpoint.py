@@ -273,7 +273,7 @@ def read_meta(path: Path, run_config: Config, world_size: int) -> Meta:
                               f"{'; '.join(mismatches)}. Resume with the same options, or start "
                               "a new run in another --output-dir")
     # Another process count sees the same batches at the same step (the global batch is split
-    # evenly, data.shard_batches), and the steps of an epoch are ceil(train images / batch) for
+    # evenly, batches.shard_batches), and the steps of an epoch are ceil(train images / batch) for
     # any count; with --compile the ragged last batch is dropped from each rank's padded share,
     # which can leave another number of steps per epoch.
     if meta.world_size != world_size and run_config.compile:

@@ -365,6 +365,17 @@ class WarmStart:
         return problems
 
 
+def compile_seconds() -> float:
+    """Seconds this process spent compiling so far, forward and backward graphs, as torch's
+    own compile-time metrics count them (0 where this torch does not keep them)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0
+    return sum(sum(compilation_time_metrics.get(name, ())) for name in ("_compile.compile_inner",
+                                                                         "backward._backward_impl"))
+
+
 def process_started() -> float:
     """The time.time() at which this process started: launch to first step counts from it."""
     import psutil  # accelerate's dependency

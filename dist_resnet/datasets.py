@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dist_resnet import data, files
+from dist_resnet import transforms, batches, data, files
+from dist_resnet.transforms import DataSpec
 from dist_resnet.config import Config
-from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, DataSpec, ensure_mnist, load_split
+from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, ensure_mnist, load_split
 from dist_resnet.images import EXTENSIONS, InputError, open_image, to_8bit
 from dist_resnet.model import ResNet, WeightsError, read_card
 
@@ -48,13 +49,13 @@ class Dataset:
 # ---- the MNIST family ---------------------------------------------------------------------------
 
 _IDX_CLASSES = {
-    "mnist": data.MNIST_SPEC.class_names,
+    "mnist": transforms.MNIST_SPEC.class_names,
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
     "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
 }
 # Mean and standard deviation of each training set's pixels (the usual published values).
-_IDX_NORMALISATION = {"mnist": (data.MEAN, data.STD), "fashion-mnist": (0.2860, 0.3530),
+_IDX_NORMALISATION = {"mnist": (transforms.MEAN, transforms.STD), "fashion-mnist": (0.2860, 0.3530),
                       "kmnist": (0.1918, 0.3483)}
 
 
@@ -364,7 +365,7 @@ def load(config: Config, device, local_processes: int = 1, progress=None):
               for split in open_splits(config.dataset, options, config.train_limit, config.test_limit)]
     spec = splits[0].spec
     nbytes = sum(len(split) for split in splits) * spec.image_bytes
-    path, why = data.choose_path(config.data_path, nbytes, device, local_processes)
+    path, why = batches.choose_path(config.data_path, nbytes, device, local_processes)
     workers = config.workers if config.workers is not None else default_workers(local_processes)
     decoding = progress is not None and path == "resident" and splits[0].decodes
     with progress(sum(map(len, splits))) if decoding else contextlib.nullcontext() as bar:

@@ -211,6 +211,25 @@ def first_failure(failure):
     return next(((rank, value) for rank, value in enumerate(failures) if value is not None), None)
 
 
+def together(action, errors: tuple, is_main: bool, main_only: bool = False):
+    """action() on every rank (rank 0 only with main_only); an error of the types `errors` (the
+    ones a user can cause) on any rank is raised on every rank, marked `agreed`, so that none
+    waits in a collective for one that has failed."""
+    result, failure = None, None
+    if is_main or not main_only:
+        try:
+            result = action()
+        except errors as err:
+            failure = err
+    agreed = first_failure(failure)
+    if agreed is not None:
+        rank, err = agreed
+        err = failure or (err if rank == 0 else type(err)(f"rank {rank}: {err}"))
+        err.agreed = True
+        raise err
+    return result
+
+
 def gather_all(value) -> list:
     """Every rank's value, in rank order, on every rank: a collective on the host group, so
     it also keeps every rank waiting for the slowest one, within --dist-timeout (the gloo

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_resnet import checkpoint, cli, data, datasets, distributed, recipe, report, rundir
+from dist_resnet import batches, checkpoint, cli, data, datasets, distributed, recipe, report, rundir
 from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, launcher_problem, positive, rank_from_env
 from dist_resnet.model import WeightsError, load_model
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             say(source.note)
         model = model.to(accelerator.device)
         test = test_split(options, source, model, card)
-        path, _ = data.choose_path("auto", len(test) * test.spec.image_bytes, accelerator.device,
+        path, _ = batches.choose_path("auto", len(test) * test.spec.image_bytes, accelerator.device,
                                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         test = data.source(test, path, accelerator.device, workers=0)
         result = recipe.evaluate(model, test, accelerator, options.batch_size or source.batch_size)

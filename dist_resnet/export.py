@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import checkpoint, cli, data, datasets, files, rundir
+from dist_resnet import transforms, checkpoint, cli, datasets, files, rundir
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
 from dist_resnet.model import (WeightsError, from_notebook_names, load_model, open_weights, to_notebook_names,
                                 weights_path)
@@ -71,15 +71,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
 class Pixels(torch.nn.Module):
     """The model on uint8 pixels, normalised as in training (MNIST's, by default)."""
 
-    def __init__(self, model: torch.nn.Module, mean=(data.MEAN,), std=(data.STD,)):
+    def __init__(self, model: torch.nn.Module, mean=(transforms.MEAN,), std=(transforms.STD,)):
         super().__init__()
         self.model, self.mean, self.std = model, tuple(mean), tuple(std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(data.normalize(images, mean=self.mean, std=self.std))
+        return self.model(transforms.normalize(images, mean=self.mean, std=self.std))
 
 
-def onnx_bytes(model: torch.nn.Module, spec: data.DataSpec = data.MNIST_SPEC) -> bytes:
+def onnx_bytes(model: torch.nn.Module, spec: transforms.DataSpec = transforms.MNIST_SPEC) -> bytes:
     """The ONNX file of the model in eval mode, its batch dimension dynamic. The TorchScript
     exporter: the newer dynamo one needs the onnxscript package as well."""
     buffer = io.BytesIO()
@@ -101,7 +101,7 @@ class CheckFailed(Exception):
 
 
 def check(content: bytes, model: torch.nn.Module, images: torch.Tensor,
-          spec: data.DataSpec = data.MNIST_SPEC) -> float:
+          spec: transforms.DataSpec = transforms.MNIST_SPEC) -> float:
     """The largest logit difference between onnxruntime and PyTorch on images; CheckFailed
     if a prediction differs or a logit is further off than LOGIT_TOLERANCE."""
     onnxruntime = require("onnxruntime", "checking the ONNX file", "pip install 'dist_resnet[export]'")
@@ -117,7 +117,7 @@ def check(content: bytes, model: torch.nn.Module, images: torch.Tensor,
     return difference
 
 
-def test_images(args: Options, model: torch.nn.Module) -> tuple[torch.Tensor, data.DataSpec]:
+def test_images(args: Options, model: torch.nn.Module) -> tuple[torch.Tensor, transforms.DataSpec]:
     """The first --check-images test images of the data set the weights file names (MNIST for
     a file that names none), at the size and with the normalisation it was trained with."""
     card = datasets.card_spec(weights_path(args.weights), model)

@@ -181,7 +181,7 @@ def open_weights(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES):
 
 def read_card(path: str | Path) -> dict | None:
     """What a weights file says of its model and data (CARD_KEY) as a JSON object, not yet
-    checked (data.DataSpec.from_card checks it); None for a file written before weights
+    checked (transforms.DataSpec.from_card checks it); None for a file written before weights
     carried it (an MNIST model). WeightsError for a card that is there but not a JSON object."""
     path = weights_path(path)
     try:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from dist_resnet import cli, datasets
+from dist_resnet.transforms import MNIST_SPEC, DataSpec
 from dist_resnet.config import WIDTHS, Kind, Parser
-from dist_resnet.data import MNIST_SPEC, DataSpec
 from dist_resnet.images import image_files, read_digit, read_resized
 from dist_resnet.model import ResNet, WeightsError, load_model, weights_path
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_resnet import data, distributed
+from dist_resnet import transforms, batches, distributed
 from dist_resnet.config import Config
 from dist_resnet.ema import WeightEMA
 from dist_resnet.metrics import Evaluation, deduplicate
@@ -111,13 +111,13 @@ class RecipeError(Exception):
     """Options that cannot make a run of this length (a warmup as long as the run)."""
 
 
-def initial_net(config: Config, spec: data.DataSpec, seed: int) -> ResNet:
+def initial_net(config: Config, spec: transforms.DataSpec, seed: int) -> ResNet:
     """The model's initial weights: they come from the seed, the same on every rank."""
     set_seed(seed)
     return ResNet(config.widths, spec.channels, len(spec.class_names))
 
 
-def build_model(config: Config, spec: data.DataSpec, world_size: int, device_type: str) -> torch.nn.Module:
+def build_model(config: Config, spec: transforms.DataSpec, world_size: int, device_type: str) -> torch.nn.Module:
     """The model a run of world_size processes on device_type trains, before Accelerate wraps
     it: the seed's initial weights, with SyncBatchNorm where model.should_sync_bn says so. A
     function of its own so that the tests can check, without a GPU, what a multi-process CUDA
@@ -136,7 +136,7 @@ class Recipe:
             self.train = KeyedSplit(train)
         world_size = accelerator.num_processes
         self.per_process_batch = config.batch_size // world_size
-        self.sampler = data.make_sampler(len(train), world_size, accelerator.process_index,
+        self.sampler = batches.make_sampler(len(train), world_size, accelerator.process_index,
                                          shuffle=True, seed=config.seed)
         # A compiled model wants static shapes: the ragged last batch is dropped then.
         self.drop_last = config.compile
@@ -205,7 +205,7 @@ class Recipe:
         """This rank's index batches of one epoch: a new shuffle each epoch, the same on every
         rank, uploaded to the device once."""
         self.sampler.set_epoch(epoch)
-        return data.shard_batches(self.sampler, self.per_process_batch, self.train.index_device,
+        return batches.shard_batches(self.sampler, self.per_process_batch, self.train.index_device,
                                   self.drop_last)
 
     def step(self, index: torch.Tensor) -> torch.Tensor:
@@ -238,14 +238,14 @@ class Recipe:
         return loss
 
     def augment_keys(self, images: torch.Tensor) -> torch.Tensor | None:
-        """--augment: the augmentation keys (data.sample_keys) of the batch `images`, read from
+        """--augment: the augmentation keys (transforms.sample_keys) of the batch `images`, read from
         the training split by KeyedSplit: seed, epoch and each sample's index, so that every
         image of a global batch gets its own transform, the same for any process count. None
         without --augment, or for images that did not come from the split (the global
         generator then draws)."""
         if not self.config.augment or self.train.last is None or self.train.last[0] is not images:
             return None
-        return data.sample_keys(self.sampler.seed, self.sampler.epoch, self.train.last[1])
+        return transforms.sample_keys(self.sampler.seed, self.sampler.epoch, self.train.last[1])
 
     def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float,
                     keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -324,12 +324,12 @@ def evaluate(model: torch.nn.Module, test, accelerator: Accelerator, batch_size:
     Pass the unwrapped model: evaluation then runs no collective inside forward, and ranks
     may hold different batch counts. Every rank must call this (the gather is collective).
     """
-    sampler = data.make_sampler(len(test), accelerator.num_processes, accelerator.process_index,
+    sampler = batches.make_sampler(len(test), accelerator.num_processes, accelerator.process_index,
                                 shuffle=False)
     was_training = model.training
     model.eval()
     parts = []
-    index_batches = data.shard_batches(sampler, batch_size, test.index_device)
+    index_batches = batches.shard_batches(sampler, batch_size, test.index_device)
     for index, (images, y) in zip(index_batches, test.batches(index_batches)):
         with accelerator.autocast():
             logits = model(test.spec.normalize(images)).float()

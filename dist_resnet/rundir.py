@@ -104,6 +104,11 @@ def default_run_name() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def now() -> str:
+    """The local time, as a run record says when its run began."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def holds_run(directory: Path) -> bool:
     """Whether directory holds a dist_resnet run: its record, config.json, says so (even a
     record of another version). Other files, whatever their names, are someone else's."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import data, distributed, recipe  # noqa: E402
+from dist_resnet import transforms, data, distributed, recipe  # noqa: E402
 from dist_resnet.model import ResNet  # noqa: E402
 
 WIDTHS = (4, 8, 8)
@@ -44,7 +44,7 @@ def fixed_test_set(num_samples: int):
 
 def run_evaluate(out: Path, num_samples: int, batch_size: int, accelerator) -> None:
     images, labels = fixed_test_set(num_samples)
-    test = data.Resident(data.ArraySplit(images, labels, data.MNIST_SPEC), accelerator.device)
+    test = data.Resident(data.ArraySplit(images, labels, transforms.MNIST_SPEC), accelerator.device)
     result = recipe.evaluate(fixed_model(), test, accelerator, batch_size)
     if accelerator.is_main_process:
         np.savez(out, labels=result.labels, predictions=result.predictions, losses=result.losses,
@@ -61,7 +61,7 @@ def run_buffers(out: Path, num_samples: int, batch_size: int, accelerator) -> No
 
     from dist_resnet.config import Config
     images, labels = fixed_test_set(num_samples)
-    split = data.Resident(data.ArraySplit(images, labels, data.MNIST_SPEC), accelerator.device)
+    split = data.Resident(data.ArraySplit(images, labels, transforms.MNIST_SPEC), accelerator.device)
     config = dataclasses.replace(Config(), widths=WIDTHS, batch_size=2 * batch_size, ema=0.9)
     trained = recipe.Recipe(config, accelerator, split)
     generator = torch.Generator().manual_seed(100 + accelerator.process_index)

@@ -82,7 +82,7 @@ def main() -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from dist_resnet import data, recipe
+    from dist_resnet import transforms, recipe
     from dist_resnet.config import Config
     from dist_resnet.distributed import DDP_OPTIONS
 
@@ -96,8 +96,8 @@ def main() -> int:
     torch.cuda.set_device(device)
     config = dataclasses.replace(Config(), widths=WIDTHS, seed=0)
     # One process, plain BatchNorm, whole batch: the same initial weights as the recipe's model.
-    reference = recipe.initial_net(config, data.MNIST_SPEC, config.seed).to(device, DTYPE)
-    candidate = recipe.build_model(config, data.MNIST_SPEC, world_size, device.type).to(device, DTYPE)
+    reference = recipe.initial_net(config, transforms.MNIST_SPEC, config.seed).to(device, DTYPE)
+    candidate = recipe.build_model(config, transforms.MNIST_SPEC, world_size, device.type).to(device, DTYPE)
     if not all(isinstance(getattr(block, name), nn.SyncBatchNorm) for block in candidate.blocks
                for name in ("bn1", "bn2")):
         raise SystemExit(f"the recipe's model for {world_size} process(es) on {device.type} does not hold "

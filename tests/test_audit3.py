@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_resnet import best, compile_cache, data, distributed, files, rundir, summarize, tracking, train
+from dist_resnet import transforms, best, compile_cache, distributed, files, rundir, summarize, tracking
 from dist_resnet.compile_cache import Refused
 from dist_resnet.config import Config, Facts
+from dist_resnet.training.evaluation import Evaluator
 
 
 # ---- metrics.jsonl ---------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_the_seed_chooses_the_augmentation(seed, other):
     the seed differ (the key hashes its low and high 32 bits)."""
     index = torch.arange(64)
     for epoch in (0, 3):
-        mine, theirs = data.sample_keys(seed, epoch, index), data.sample_keys(other, epoch, index)
+        mine, theirs = transforms.sample_keys(seed, epoch, index), transforms.sample_keys(other, epoch, index)
         assert (mine != theirs).float().mean() > 0.9, (seed, other, epoch)
 
 
@@ -126,15 +127,15 @@ def test_runs_on_different_process_counts_are_summarised_apart(tmp_path):
 
 def test_early_stop_k_stops_at_the_kth_evaluation_without_improvement():
     """--early-stop 2: the run stops at the second evaluation in a row without a better one,
-    not the third (Run.stopping_early, which the training loop asks before each epoch)."""
+    not the third (Evaluator.stopping_early, which the training loop asks before each epoch)."""
     said = []
-    run = SimpleNamespace(config=SimpleNamespace(early_stop=2), best=best.Best("test_acc"), step=0, say=said.append)
+    evaluator = SimpleNamespace(config=SimpleNamespace(early_stop=2), best=best.Best("test_acc"),
+                                journal=SimpleNamespace(say=said.append))
     for step, accuracy in enumerate([0.5, 0.6, 0.55, 0.6], 1):
-        run.step = step
-        run.best.update({"test_acc": accuracy}, step)
-        if train.Run.stopping_early(run):
+        evaluator.best.update({"test_acc": accuracy}, step)
+        if Evaluator.stopping_early(evaluator, step):
             break
-    assert run.step == 4 and said == ["stopping early at step 4: 2 evaluation(s) without a better test_acc than "
-                                      "0.6000 (step 2)"]
-    run.config.early_stop = 0  # not asked for: never
-    assert not train.Run.stopping_early(run)
+    assert step == 4 and said == ["stopping early at step 4: 2 evaluation(s) without a better test_acc than "
+                                  "0.6000 (step 2)"]
+    evaluator.config.early_stop = 0  # not asked for: never
+    assert not Evaluator.stopping_early(evaluator, step)

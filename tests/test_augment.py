@@ -6,7 +6,7 @@ and worker. In process: the ranks of a 2-process run are Recipes told they are r
 import pytest
 import torch
 
-from dist_resnet import data
+from dist_resnet import transforms, data
 from dist_resnet.recipe import Recipe
 from dist_resnet.train import parse_args
 
@@ -50,14 +50,14 @@ def first_inputs(accelerator, split, rank: int, world_size: int, epoch: int = 0,
 
 @pytest.fixture(scope="module")
 def train_split(mnist_dir):
-    return data.ArraySplit(*data.load_split(mnist_dir, "train", 256), data.MNIST_SPEC)
+    return data.ArraySplit(*data.load_split(mnist_dir, "train", 256), transforms.MNIST_SPEC)
 
 
 def test_every_image_of_a_global_batch_gets_its_own_transform_on_every_rank(accelerator, train_split):
     """The same picture at every index: what the model receives then differs only by the
     transform. Image i of rank 0's share and image i of rank 1's were once transformed alike
     (every rank's generator is seeded alike); now all 64 images of the global batch differ."""
-    same = data.ArraySplit(train_split.images[:1].expand(256, -1, -1, -1).clone(), train_split.labels, data.MNIST_SPEC)
+    same = data.ArraySplit(train_split.images[:1].expand(256, -1, -1, -1).clone(), train_split.labels, transforms.MNIST_SPEC)
     shares = [first_inputs(accelerator, same, rank, 2, 0, "--augment")[1] for rank in range(2)]
     assert all(not torch.equal(a, b) for a, b in zip(*shares))
     batch = torch.cat(shares).flatten(1)
@@ -78,7 +78,7 @@ def test_one_and_two_processes_draw_bitwise_the_same_transforms(accelerator, tra
     later_index, later = first_inputs(accelerator, train_split, 0, 1, 1, "--augment")
     sample = int(index[0])
     position = later_index.tolist().index(sample) if sample in later_index.tolist() else None
-    keys = [data.sample_keys(11, epoch, torch.tensor([sample])) for epoch in (0, 1)]
+    keys = [transforms.sample_keys(11, epoch, torch.tensor([sample])) for epoch in (0, 1)]
     assert not torch.equal(*keys)  # the epoch changes the key...
     if position is not None:  # ...and so the transform
         assert not torch.equal(later[position], whole[0])
@@ -87,7 +87,7 @@ def test_one_and_two_processes_draw_bitwise_the_same_transforms(accelerator, tra
 class Seeds(torch.utils.data.Dataset):
     """A split whose every image is the seed of the worker process that read it."""
 
-    spec = data.MNIST_SPEC
+    spec = transforms.MNIST_SPEC
 
     def __len__(self):
         return 8

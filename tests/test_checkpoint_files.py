@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_resnet import checkpoint, data
+from dist_resnet import transforms, checkpoint, data
 from dist_resnet.recipe import LossWindow, Recipe
 from dist_resnet.train import parse_args
 from test_checkpoint import Payload, plant_pickles
@@ -21,7 +21,7 @@ def saved(accelerator, mnist_dir, tmp_path):
     config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
                          "--schedule", "onecycle", "--augment", "--data-dir", str(mnist_dir),
                          "--report-to", "none", "--output-dir", str(tmp_path)])
-    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), data.MNIST_SPEC), "cpu")
+    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), transforms.MNIST_SPEC), "cpu")
     recipe, window = Recipe(config, accelerator, train), LossWindow(accelerator)
     for step, index in enumerate(recipe.batches(0), 1):
         window.add(recipe.step(index), 64)
@@ -200,7 +200,7 @@ def saved_constant(accelerator, mnist_dir, tmp_path):
     """As saved, with the default constant learning rate: no scheduler whose state counts the steps."""
     config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
                          "--data-dir", str(mnist_dir), "--report-to", "none", "--output-dir", str(tmp_path)])
-    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), data.MNIST_SPEC), "cpu")
+    train = data.Resident(data.ArraySplit(*data.load_split(mnist_dir, "train", 256), transforms.MNIST_SPEC), "cpu")
     recipe, window = Recipe(config, accelerator, train), LossWindow(accelerator)
     for step, index in enumerate(recipe.batches(0), 1):
         window.add(recipe.step(index), 64)

@@ -200,5 +200,7 @@ def test_a_compiled_run_resumed_on_an_emptied_inductor_directory_starts_warm(com
     for record in records:
         assert record["to_first_step_s"] >= record["compile_s"] > 0
         assert {"imports_s", "data_s", "setup_s", "first_step_s"} <= record.keys()
+        assert 0 < record["phases"]["compile"] <= record["compile_s"], record  # the compiler's share
+        assert sum(record["phases"].values()) >= 0.95 * record["to_first_step_s"], record
     assert "compile cache: warm" in warm, warm[-3000:]
     assert (out / "model.safetensors").is_file()

@@ -169,7 +169,7 @@ def test_a_damaged_record_to_resume_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_the_reference_recipe_on_a_cpu_says_so_and_what_to_run_instead(monkeypatch):
-    from dist_resnet.train import CPU_IMAGES_PER_S, DEBUG_COMMAND, cpu_notice
+    from dist_resnet.training.startup import CPU_IMAGES_PER_S, DEBUG_COMMAND, cpu_notice
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     reference = parse_config([])
@@ -188,7 +188,7 @@ def test_the_reference_recipe_on_a_cpu_says_so_and_what_to_run_instead(monkeypat
 
 
 def test_the_start_line_names_the_threads_only_where_they_are_not_the_share_of_cores():
-    from dist_resnet.train import threads_note
+    from dist_resnet.training.startup import threads_note
 
     assert threads_note(2, 2, 1) == "" and threads_note(1, 2, 2) == "" and threads_note(1, 1, 1) == ""
     assert threads_note(1, 2, 1) == ", 1 intra-op thread(s) per process of 2 core(s) available"

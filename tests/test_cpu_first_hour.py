@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from conftest import QUICK, REPO, describe, run, train_here
 from dist_resnet import distributed, plots
-from dist_resnet.config import options_given, parse_config
+from dist_resnet.config import parse_config
 from dist_resnet.data import DataError, ensure_mnist, raw_dir
 
 FALLBACK = "mixed precision no (fp32), not the fast recipe's bf16: this CPU has no native bf16"
@@ -46,21 +46,21 @@ def test_cpu_precision(requested, implied, native, built, says):
     ([], False),
 ])
 def test_the_fast_recipes_precision_is_implied_unless_given(argv, implied, monkeypatch):
-    from dist_resnet.train import parse_args, precision_implied
+    from dist_resnet.train import read_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert precision_implied(parse_args(argv), options_given(argv)) is implied
+    assert read_args(argv).precision_implied is implied
 
 
 def test_an_options_file_that_gives_the_precision_makes_it_explicit(tmp_path, monkeypatch):
-    from dist_resnet.train import parse_args, precision_implied
+    from dist_resnet.train import read_args
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     options = tmp_path / "options.yaml"
     options.write_text("recipe: fast\nmixed_precision: bf16\n")
     argv = ["--config", str(options)]
     assert parse_config(argv, [], [], ["mnist"]).recipe == "fast"
-    assert precision_implied(parse_args(argv), options_given(argv)) is False
+    assert read_args(argv).precision_implied is False
 
 
 def test_the_fast_recipe_trains_in_fp32_on_a_cpu_without_bf16_and_resumes_so(mnist_dir, tmp_path, monkeypatch):

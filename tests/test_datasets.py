@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from conftest import (QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run,
                       run_together, train_here)
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
-from dist_resnet import data, datasets
+from dist_resnet import transforms, data, datasets
+from dist_resnet.batches import make_sampler, shard_batches
 from dist_resnet.config import ADDED_OPTIONS, Config
 from dist_resnet.model import read_card
 from dist_resnet.recipe import Recipe
@@ -106,9 +107,9 @@ def test_both_paths_feed_the_same_batches(data_dirs, world_size):
     train, _ = datasets.open_splits("imagefolder", datasets.Options(str(data_dirs["imagefolder"])), 200)
     resident, streamed = data.Resident(train, "cpu"), data.Streamed(train, "cpu", workers=1)
     for rank in range(world_size):
-        sampler = data.make_sampler(len(train), world_size, rank, shuffle=True, seed=3)
+        sampler = make_sampler(len(train), world_size, rank, shuffle=True, seed=3)
         sampler.set_epoch(1)
-        batches = data.shard_batches(sampler, 32 // world_size, "cpu")
+        batches = shard_batches(sampler, 32 // world_size, "cpu")
         pairs = list(zip(resident.batches(batches), streamed.batches(batches), strict=True))
         assert len(pairs) == len(batches) > 3
         for (x1, y1), (x2, y2) in pairs:
@@ -141,7 +142,7 @@ def test_streamed_resume_mid_epoch_is_bitwise_and_reads_no_skipped_batch(data_di
 
     damaged = shutil.copytree(data_dirs["imagefolder"], tmp_path / "damaged")
     train, _ = datasets.open_splits("imagefolder", datasets.Options(str(damaged)), 256)
-    sampler = data.make_sampler(len(train), 1, 0, shuffle=True, seed=0)
+    sampler = make_sampler(len(train), 1, 0, shuffle=True, seed=0)
     sampler.set_epoch(0)
     for i in list(sampler)[:3 * 32]:
         truncate(train.files[i])
@@ -275,8 +276,7 @@ def test_cifar_files_of_the_wrong_format(mnist_dir, tmp_path, capsys):
         datasets.open_splits("cifar10", datasets.Options(str(tmp_path)))
     assert not marker.exists()
     (root / "data_batch_2").write_bytes(pickle.dumps([1, 2, 3]))
-    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "out"],
-                              capsys)
+    result = train_here([*TINY, "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "out"])
     assert_one_line_error(result, 2, "data_batch_2: not a CIFAR-10 python batch file")
     assert not marker.exists() and not (tmp_path / "out" / "config.json").exists()
 
@@ -291,21 +291,20 @@ class _Hostile:
 
 def test_mixed_sizes_stop_train_py_before_it_starts(folder, tmp_path, capsys):
     Image.new("L", (30, 30)).save(folder / "train" / "1" / "big.png")
-    result = train_in_process([*TINY, "--dataset", "imagefolder", "--data-dir", folder, "--output-dir", tmp_path / "out"],
-                              capsys)
+    result = train_here([*TINY, "--dataset", "imagefolder", "--data-dir", folder, "--output-dir", tmp_path / "out"])
     assert_one_line_error(result, 2, "give --image-size N")
 
 
 def test_normalisation_must_fit_the_channels(data_dirs, tmp_path, capsys):
-    result = train_in_process([*TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"], "--mean", "0.5,0.5",
-                               "--output-dir", tmp_path / "out"], capsys)
+    result = train_here([*TINY, "--dataset", "cifar10", "--data-dir", data_dirs["cifar10"], "--mean", "0.5,0.5",
+                               "--output-dir", tmp_path / "out"])
     assert_one_line_error(result, 2, "--mean has 2 values; cifar10 has 3 channel(s)")
 
 
 def test_crop_flip_moves_and_mirrors_within_the_padding():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) % 251 + 1
     torch.manual_seed(0)
-    out = data.random_crop_flip(images.to(torch.uint8), padding=2)
+    out = transforms.random_crop_flip(images.to(torch.uint8), padding=2)
     assert out.shape == images.shape and out.dtype == torch.float32
     for original, moved in zip(images, out):
         # Some placement of the (possibly mirrored) image, padded with zeros, gives the crop.

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 import sync_bn_check
 from conftest import EQUIVALENCE, EQUIVALENCE_ARGS, TRAIN_PY, accelerate_launch, describe, run_together, torchrun
-from dist_resnet.data import load_split, make_sampler, normalize, shard_batches
+from dist_resnet.transforms import normalize
+from dist_resnet.batches import make_sampler, shard_batches
+from dist_resnet.data import load_split
 from dist_resnet.model import ResNet
 
 pytestmark = pytest.mark.slow  # every test reads real multi-process launches (torchrun, accelerate launch)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import describe, run_together, torchrun
-from dist_resnet.data import normalize
+from dist_resnet.transforms import normalize
 from dist_resnet.metrics import Evaluation, deduplicate
 from dist_worker import fixed_model, fixed_test_set
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, describe, run, write_run_record
-from dist_resnet import data, export
+from dist_resnet import transforms, data, export
 from dist_resnet.config import Config
 from dist_resnet.model import load_model
 from dist_resnet.model import ResNet
@@ -37,7 +37,7 @@ def test_export_writes_onnx_that_predicts_as_pytorch(weights, mnist_dir):
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
-        expected = load_model(weights, lambda widths: True).eval()(data.normalize(images)).numpy()
+        expected = load_model(weights, lambda widths: True).eval()(transforms.normalize(images)).numpy()
     assert logits.shape == (len(images), 10)
     assert np.array_equal(logits.argmax(1), expected.argmax(1))
     assert np.abs(logits - expected).max() <= export.LOGIT_TOLERANCE

@@ -52,7 +52,7 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path, monkeypatch):
     loss is smoothed, the weights the steps use are channels-last, each evaluation's
     statistics come from the first 4 training batches of its epoch (not test images), and the
     run still learns."""
-    from dist_resnet import data, model, recipe
+    from dist_resnet import transforms, data, model, recipe
     from dist_resnet.model import ResNet
 
     seen = {"smoothing": [], "channels_last": [], "recalibrated": []}
@@ -92,7 +92,7 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path, monkeypatch):
     assert len(seen["recalibrated"]) == 3  # once per evaluation (each epoch)
     for epoch, got in enumerate(seen["recalibrated"]):
         order = torch.randperm(2048, generator=torch.Generator().manual_seed(epoch))  # seed 0 + epoch
-        expected = [data.normalize(images[index], channels_last=True) for index in order.split(128)[:4]]
+        expected = [transforms.normalize(images[index], channels_last=True) for index in order.split(128)[:4]]
         assert len(got) == 4 and all(torch.equal(g, e) for g, e in zip(got, expected)), epoch
     report = json.loads((out / "classification_report.json").read_text())
     assert report["accuracy"] > 0.8

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from conftest import parse_error
-from dist_resnet import (checkpoint, cli, data, datasets, evaluate, export, files, plots, predict, report, rundir,
-                         summarize)
+from dist_resnet import (transforms, checkpoint, cli, data, datasets, evaluate, export, files, plots, predict, report,
+                         rundir, summarize)
 from dist_resnet.config import Config, ExitCode, Facts
 from dist_resnet.images import InputError, read_digit, read_resized
 from dist_resnet.model import CARD_KEY, ResNet, WeightsError
@@ -201,7 +201,7 @@ def write_weights(path: Path, card: dict | None, in_channels: int = 1, classes: 
 
 
 def good_card() -> dict:
-    return {"widths": [4, 4, 4], **data.MNIST_SPEC.card()}
+    return {"widths": [4, 4, 4], **transforms.MNIST_SPEC.card()}
 
 
 CARDS = {
@@ -247,7 +247,7 @@ def test_a_card_that_is_not_json_is_damage_not_an_mnist_model(tmp_path):
 
 
 def test_predict_defaults_to_one_runner_up_for_two_classes(tmp_path, capsys):
-    spec = data.DataSpec("imagefolder", 1, (8, 8), ("cat", "dog"), (0.5,), (0.5,), "crop-flip")
+    spec = transforms.DataSpec("imagefolder", 1, (8, 8), ("cat", "dog"), (0.5,), (0.5,), "crop-flip")
     path = write_weights(tmp_path / "model.safetensors", {"widths": [4, 4, 4], **spec.card()}, classes=2)
     write_png(tmp_path / "pet.png")
     assert predict.main(["--weights", str(path), str(tmp_path / "pet.png")]) == 0

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, describe, run
-from dist_resnet.data import load_split, normalize
+from dist_resnet.transforms import normalize
+from dist_resnet.data import load_split
 from dist_resnet.config import WIDTHS
 from dist_resnet.images import to_mnist
 from dist_resnet.model import load_model as load_weights

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import wandb_records
 from conftest import QUICK, REPO, TRAIN_PY, assert_one_line_error, describe, in_process, run, run_together
 from dist_resnet import rundir
-from dist_resnet.data import random_affine
+from dist_resnet.transforms import random_affine
 
 EVALUATE_PY = REPO / "dist_resnet" / "evaluate.py"
 PLOTS = ["confusion_matrix.png", "curves.png", "misclassified.png"]
@@ -75,14 +75,14 @@ def test_tensorboard_event_files_read_back(tracked_run):
 def tracked_final_evaluation(tracked_run, mnist_dir):
     """The final evaluation of the tracked run, recomputed in this process from its saved
     weights (rank 0's BatchNorm statistics, which every rank evaluated), and the test images."""
-    from dist_resnet import data
+    from dist_resnet import transforms, data
     from dist_resnet.config import WIDTHS
     from dist_resnet.metrics import Evaluation
     from dist_resnet.model import load_model
 
     images, labels = data.load_split(mnist_dir, "test")
     with torch.no_grad():
-        logits = load_model(tracked_run / "model.safetensors", WIDTHS.accepts).eval()(data.normalize(images))
+        logits = load_model(tracked_run / "model.safetensors", WIDTHS.accepts).eval()(transforms.normalize(images))
     names = tuple(str(c) for c in range(10))
     return Evaluation(labels.numpy(), logits.argmax(1).numpy(), np.zeros(len(labels)), names), images
 

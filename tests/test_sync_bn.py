@@ -37,13 +37,13 @@ def test_the_recipes_model_for_several_cuda_processes_holds_sync_batchnorm_in_ev
     check (sync_bn_check.py) trains this same model."""
     import dataclasses
 
-    from dist_resnet import data, recipe
+    from dist_resnet import transforms, recipe
     from dist_resnet.config import Config
     config = dataclasses.replace(Config(), widths=(4, 8, 8), sync_bn=sync_bn)
-    net = recipe.build_model(config, data.MNIST_SPEC, world_size, device)
+    net = recipe.build_model(config, transforms.MNIST_SPEC, world_size, device)
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(net.blocks) == 3 and len(norms) == 2 * len(net.blocks)
     assert all(type(getattr(block, name)) is expected for block in net.blocks for name in ("bn1", "bn2"))
-    plain = recipe.initial_net(config, data.MNIST_SPEC, config.seed).state_dict()
+    plain = recipe.initial_net(config, transforms.MNIST_SPEC, config.seed).state_dict()
     assert net.state_dict().keys() == plain.keys()
     assert all(torch.equal(value, plain[name]) for name, value in net.state_dict().items())

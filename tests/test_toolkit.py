@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import parse_error
-from dist_resnet import checkpoint, data
+from dist_resnet import transforms, checkpoint, data
 from dist_resnet.config import Config
 from dist_resnet.recipe import LossWindow, Recipe
 from dist_resnet.train import parse_args
@@ -30,7 +30,7 @@ def one_thread():
 
 def make_recipe(accelerator, mnist_dir, *args) -> Recipe:
     config = parse_args([*SMALL, "--data-dir", str(mnist_dir), *map(str, args)])
-    train = data.ArraySplit(*data.load_split(mnist_dir, "train", config.train_limit), data.MNIST_SPEC)
+    train = data.ArraySplit(*data.load_split(mnist_dir, "train", config.train_limit), transforms.MNIST_SPEC)
     return Recipe(config, accelerator, data.Resident(train, "cpu"))
 
 
@@ -309,7 +309,7 @@ def test_bn_recalibration_recomputes_the_ema_statistics_for_the_ema_weights(acce
     train_steps(recipe, 0, 3)
     batches = recipe.batches(0)
     expected = copy.deepcopy(recipe.ema.model)
-    recalibrate_batchnorm(expected, [data.normalize(recipe.train.images[i]) for i in batches[:2]])
+    recalibrate_batchnorm(expected, [transforms.normalize(recipe.train.images[i]) for i in batches[:2]])
     before = copy.deepcopy(recipe.ema.model.state_dict())
     recipe.recalibrate(batches)
     got = recipe.ema.model.state_dict()
@@ -359,7 +359,7 @@ def evaluate_file(weights: Path, mnist_dir: Path) -> tuple[float, float]:
     model = load_model(weights, WIDTHS.accepts).eval()
     images, labels = data.load_split(mnist_dir, "test")
     with torch.no_grad():
-        logits = model(data.normalize(images))
+        logits = model(transforms.normalize(images))
     return float((logits.argmax(1) == labels).double().mean()), float(F.cross_entropy(logits, labels))
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import data, distributed  # noqa: E402
+from dist_resnet import transforms, data, distributed  # noqa: E402
 from dist_resnet.recipe import Recipe  # noqa: E402
 from dist_resnet.train import parse_args  # noqa: E402
 
@@ -32,7 +32,7 @@ def one_step(accelerator, data_dir: str, accumulate: int, *options: str) -> tupl
     the gradient norm the recipe reported (with --clip-grad; else None)."""
     config = parse_args(["--widths", "4,4,4", "--batch-size", "64", "--train-limit", "256", "--epochs", "1",
                          "--accumulate", str(accumulate), "--data-dir", data_dir, "--report-to", "none", *options])
-    train = data.ArraySplit(*data.load_split(data_dir, "train", config.train_limit), data.MNIST_SPEC)
+    train = data.ArraySplit(*data.load_split(data_dir, "train", config.train_limit), transforms.MNIST_SPEC)
     recipe = Recipe(config, accelerator, data.Resident(train, accelerator.device))
     recipe.net.eval()
     all_reduces = []
