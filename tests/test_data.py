@@ -10,7 +10,8 @@ import torch
 from torchvision.datasets import MNIST
 
 from conftest import TRAIN_PY, describe, run, wait_for
-from dist_resnet.data import FILES, DataError, ensure_mnist, load_split, make_sampler, raw_dir, shard_batches
+from dist_resnet.batches import make_sampler, shard_batches
+from dist_resnet.data import FILES, DataError, ensure_mnist, load_split, raw_dir
 
 ALL_FILES = [name for pair in FILES.values() for name in pair]
 
