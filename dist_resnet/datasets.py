@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dist_resnet import transforms, batches, data, files
+from dist_resnet import batches, data, files, transforms
 from dist_resnet.transforms import DataSpec
 from dist_resnet.config import Config
 from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, ensure_mnist, load_split

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import transforms, checkpoint, cli, datasets, files, rundir
+from dist_resnet import checkpoint, cli, datasets, files, transforms
 from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
+from dist_resnet.runs import find_source
 from dist_resnet.model import (WeightsError, from_notebook_names, load_model, open_weights, to_notebook_names,
                                 weights_path)
 
@@ -122,7 +123,7 @@ def test_images(args: Options, model: torch.nn.Module) -> tuple[torch.Tensor, tr
     a file that names none), at the size and with the normalisation it was trained with."""
     card = datasets.card_spec(weights_path(args.weights), model)
     size = card.size if card else None
-    data_dir = args.data_dir or run_data_dir(args.weights) or "./data"
+    data_dir = args.data_dir or find_source(args.weights).data_dir
     options = datasets.Options(data_dir, image_size=size[0] if size and size[0] == size[1] else None)
     test = datasets.open_test(card.name if card else "mnist", options, args.check_images,
                               card.mean if card else None, card.std if card else None)
@@ -147,17 +148,6 @@ def output_path(weights: Path, output: Path | None) -> Path:
         raise ValueError(f"--output {output} is inside a checkpoint, which is deleted when newer ones "
                          "are written: choose a path outside checkpoints/")
     return output
-
-
-def run_data_dir(weights: Path) -> str | None:
-    """The data directory of the run the weights belong to, read as evaluate.py reads it: a
-    checkpoint's meta.json, or a run directory's config.json; None for bare weights."""
-    directory = weights if weights.is_dir() else weights.parent
-    if (directory / "meta.json").is_file():
-        return checkpoint.Meta.read(directory).config.data_dir
-    if (directory / rundir.RECORD).is_file():
-        return rundir.RunRecord.read(directory).config.data_dir
-    return None
 
 
 def notebook_state(path: Path) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_resnet import transforms, batches, distributed
+from dist_resnet import batches, distributed, transforms
 from dist_resnet.config import Config
 from dist_resnet.ema import WeightEMA
 from dist_resnet.metrics import Evaluation, deduplicate

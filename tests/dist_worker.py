@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import transforms, data, distributed, recipe  # noqa: E402
+from dist_resnet import data, distributed, recipe, transforms  # noqa: E402
 from dist_resnet.model import ResNet  # noqa: E402
 
 WIDTHS = (4, 8, 8)

@@ -82,7 +82,7 @@ def main() -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from dist_resnet import transforms, recipe
+    from dist_resnet import recipe, transforms
     from dist_resnet.config import Config
     from dist_resnet.distributed import DDP_OPTIONS
 

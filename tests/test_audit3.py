@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_resnet import transforms, best, compile_cache, distributed, files, rundir, summarize, tracking
+from dist_resnet import best, compile_cache, distributed, files, rundir, summarize, tracking, transforms
 from dist_resnet.compile_cache import Refused
 from dist_resnet.config import Config, Facts
 from dist_resnet.training.evaluation import Evaluator

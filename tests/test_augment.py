@@ -6,7 +6,7 @@ and worker. In process: the ranks of a 2-process run are Recipes told they are r
 import pytest
 import torch
 
-from dist_resnet import transforms, data
+from dist_resnet import data, transforms
 from dist_resnet.recipe import Recipe
 from dist_resnet.train import parse_args
 

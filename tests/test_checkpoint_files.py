@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_resnet import transforms, checkpoint, data
+from dist_resnet import checkpoint, data, transforms
 from dist_resnet.recipe import LossWindow, Recipe
 from dist_resnet.train import parse_args
 from test_checkpoint import Payload, plant_pickles

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import (QUICK, REPO, TRAIN_PY, accelerate_launch, assert_one_line_error, describe, in_process, run,
                       run_together, train_here)
 from dataset_files import truncate, write_cifar, write_idx_family, write_imagefolder
-from dist_resnet import transforms, data, datasets
+from dist_resnet import data, datasets, transforms
 from dist_resnet.batches import make_sampler, shard_batches
 from dist_resnet.config import ADDED_OPTIONS, Config
 from dist_resnet.model import read_card

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, describe, run, write_run_record
-from dist_resnet import transforms, data, export
+from dist_resnet import data, export, transforms
 from dist_resnet.config import Config
 from dist_resnet.model import load_model
 from dist_resnet.model import ResNet

@@ -52,7 +52,7 @@ def test_fast_options_train_correctly_on_cpu(mnist_dir, tmp_path, monkeypatch):
     loss is smoothed, the weights the steps use are channels-last, each evaluation's
     statistics come from the first 4 training batches of its epoch (not test images), and the
     run still learns."""
-    from dist_resnet import transforms, data, model, recipe
+    from dist_resnet import data, model, recipe, transforms
     from dist_resnet.model import ResNet
 
     seen = {"smoothing": [], "channels_last": [], "recalibrated": []}

@@ -7,7 +7,6 @@ no outside program ran."""
 import json
 import os
 import pickle
-import shutil
 import sys
 import time
 import tracemalloc
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import parse_error
-from dist_resnet import (transforms, checkpoint, cli, data, datasets, evaluate, export, files, plots, predict, report,
-                         rundir, summarize)
+from dist_resnet import (checkpoint, cli, data, datasets, evaluate, export, files, plots, predict, report, rundir,
+                         summarize, transforms)
 from dist_resnet.config import Config, ExitCode, Facts
 from dist_resnet.images import InputError, read_digit, read_resized
 from dist_resnet.model import CARD_KEY, ResNet, WeightsError

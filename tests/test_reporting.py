@@ -75,7 +75,7 @@ def test_tensorboard_event_files_read_back(tracked_run):
 def tracked_final_evaluation(tracked_run, mnist_dir):
     """The final evaluation of the tracked run, recomputed in this process from its saved
     weights (rank 0's BatchNorm statistics, which every rank evaluated), and the test images."""
-    from dist_resnet import transforms, data
+    from dist_resnet import data, transforms
     from dist_resnet.config import WIDTHS
     from dist_resnet.metrics import Evaluation
     from dist_resnet.model import load_model

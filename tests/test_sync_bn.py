@@ -37,7 +37,7 @@ def test_the_recipes_model_for_several_cuda_processes_holds_sync_batchnorm_in_ev
     check (sync_bn_check.py) trains this same model."""
     import dataclasses
 
-    from dist_resnet import transforms, recipe
+    from dist_resnet import recipe, transforms
     from dist_resnet.config import Config
     config = dataclasses.replace(Config(), widths=(4, 8, 8), sync_bn=sync_bn)
     net = recipe.build_model(config, transforms.MNIST_SPEC, world_size, device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import parse_error
-from dist_resnet import transforms, checkpoint, data
+from dist_resnet import checkpoint, data, transforms
 from dist_resnet.config import Config
 from dist_resnet.recipe import LossWindow, Recipe
 from dist_resnet.train import parse_args

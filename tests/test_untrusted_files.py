@@ -10,7 +10,6 @@ import os
 import shutil
 import tarfile
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 

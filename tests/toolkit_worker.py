@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dist_resnet import transforms, data, distributed  # noqa: E402
+from dist_resnet import data, distributed, transforms  # noqa: E402
 from dist_resnet.recipe import Recipe  # noqa: E402
 from dist_resnet.train import parse_args  # noqa: E402
 
