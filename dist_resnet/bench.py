@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, datasets, distributed, files, provenance, recipe, tracking
+from dist_resnet import cli, data, datasets, distributed, files, model, provenance, recipe, tracking
 from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
 PROG = "dist_resnet/bench.py"
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error(f"--seeds {args.seeds}: give whole numbers separated by commas, like 0,1,2")
     if seeds and args.time_to_accuracy is None:
         p.error("--seeds needs --time-to-accuracy (they only change what it measures)")
-    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)  # bad train.py options: exit 2 now
+    parse_config(train_args, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS, model.imports_code)  # bad train.py options: exit 2 now
     try:
         if args.json_out:
             open(args.json_out, "a").close()  # writable? (emptied when the run starts)
@@ -147,7 +147,7 @@ def skip_reason(name: str, settings: Settings) -> str | None:
 
 def build(options: list[str]) -> tuple[recipe.Recipe, object]:
     """The Recipe train.py builds for these options (single process), and the test split."""
-    config = parse_config(options, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS)
+    config = parse_config(options, recipe.SCHEDULES, tracking.TRACKERS, datasets.DATASETS, model.imports_code)
     accelerator = distributed.setup(cpu=config.cpu, mixed_precision=config.mixed_precision,
                                     timeout_s=config.dist_timeout)
     train, test, _ = datasets.load(config, accelerator.device)

@@ -13,13 +13,14 @@ from dist_resnet.config import ExitCode, MissingPackage
 from dist_resnet.data import DataError
 from dist_resnet.distributed import LaunchError, RendezvousError
 from dist_resnet.images import InputError
-from dist_resnet.model import WeightsError
+from dist_resnet.model import ModelError, WeightsError
 from dist_resnet.recipe import NonFiniteLoss, RecipeError, TooFewImages
 from dist_resnet.rundir import CannotWrite, RunDirError
 from dist_resnet.tracking import TrackerError
 
 USER_ERRORS = {
     DataError: ExitCode.BAD_INPUT, InputError: ExitCode.BAD_INPUT, WeightsError: ExitCode.BAD_INPUT,
+    ModelError: ExitCode.BAD_INPUT,
     CheckpointError: ExitCode.BAD_INPUT, RunDirError: ExitCode.BAD_INPUT,
     MissingPackage: ExitCode.BAD_INPUT, TooFewImages: ExitCode.BAD_INPUT, RecipeError: ExitCode.BAD_INPUT,
     NonFiniteLoss: ExitCode.NON_FINITE,

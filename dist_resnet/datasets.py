@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from PIL import Image
 
 from dist_resnet import batches, data, files, transforms
@@ -23,7 +24,7 @@ from dist_resnet.transforms import DataSpec
 from dist_resnet.config import Config
 from dist_resnet.data import IDX_DATASETS, ArraySplit, DataError, ensure_mnist, load_split
 from dist_resnet.images import EXTENSIONS, InputError, open_image, to_8bit
-from dist_resnet.model import ResNet, WeightsError, read_card
+from dist_resnet.model import WeightsError, io_shape, read_card
 
 IMAGE_EXTENSIONS = tuple(sorted(EXTENSIONS))
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -305,7 +306,7 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
-def card_spec(weights: Path, model: ResNet) -> DataSpec | None:
+def card_spec(weights: Path, model: nn.Module) -> DataSpec | None:
     """What a weights file says its model was trained on, checked field by field
     (DataSpec.from_card), against the data sets this version knows, and against the model's
     own tensors (channels, classes); None for a file that says nothing (an MNIST model, as
@@ -321,8 +322,8 @@ def card_spec(weights: Path, model: ResNet) -> DataSpec | None:
     if spec.name not in DATASETS:
         raise WeightsError(f"{weights}: trained on {spec.name[:64]!r}, a data set this version does not know "
                            f"({', '.join(DATASETS)})")
-    channels, classes = model.blocks[0].conv1.in_channels, model.fc.out_features
-    if (channels, classes) != (spec.channels, len(spec.class_names)):
+    channels, classes = io_shape(model)
+    if (channels or spec.channels, classes or len(spec.class_names)) != (spec.channels, len(spec.class_names)):
         raise WeightsError(f"{weights}: its description ({spec.channels} channel(s), {len(spec.class_names)} "
                            f"classes) does not fit its weights ({channels} channel(s), {classes} classes)")
     return spec

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import batches, checkpoint, cli, data, datasets, distributed, recipe, report, rundir
-from dist_resnet.config import MIXED_PRECISION, WIDTHS, Config, Parser, launcher_problem, positive, rank_from_env
-from dist_resnet.model import WeightsError, load_model
+from dist_resnet.config import KINDS, MIXED_PRECISION, WIDTHS, Config, Parser, launcher_problem, positive, rank_from_env
+from dist_resnet.model import WeightsError, io_shape, load_model
 from dist_resnet.runs import Source, find_source
 
 PROG = "dist_resnet/evaluate.py"
@@ -31,6 +31,7 @@ class Options:
     mixed_precision: str | None
     output_dir: Path | None
     cpu: bool
+    model: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--output-dir", type=Path,
                         help="default: eval/ in the run's directory (eval/step-N for a checkpoint)")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
+                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
+                        "a weights file never chooses code to run (default: the one the weights file names)")
     options = Options(**vars(parser.parse_args(argv)))
     problem = launcher_problem()  # evaluate.py runs under a launcher too
     if problem:
@@ -54,14 +58,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return options
 
 
-def read_weights(path: Path):
+def read_weights(path: Path, model_given: str | None = None):
     """(source, model, what its weights file says it was trained on) for `path`. A run's newest
     checkpoint can be deleted while it is read (the running run writes a newer one and deletes
     the oldest): then the run's newest checkpoint is read again."""
     for attempt in range(3):
         try:
             source = find_source(path)
-            model = load_model(source.weights, WIDTHS.accepts)
+            model = load_model(source.weights, WIDTHS.accepts, model_given)
             return source, model, datasets.card_spec(source.weights, model)
         except (WeightsError, checkpoint.CheckpointError):
             unfinished_run = (path / rundir.RECORD).is_file() and not (path / "model.safetensors").exists()
@@ -81,9 +85,10 @@ def test_split(options: Options, source: Source, model, card):
     mean, std = (config.mean, config.std) if config else (card.mean, card.std) if card else (None, None)
     test = datasets.open_test(name, data_options, options.test_limit or source.test_limit,
                               mean and tuple(mean), std and tuple(std))
-    spec, classes = test.spec, model.fc.out_features
-    if model.blocks[0].conv1.in_channels != spec.channels or classes != len(spec.class_names):
-        raise WeightsError(f"{source.weights}: a model of {model.blocks[0].conv1.in_channels} channel(s) and "
+    spec, (channels, classes) = test.spec, io_shape(model)
+    channels, classes = channels or spec.channels, classes or len(spec.class_names)  # None: not told apart
+    if channels != spec.channels or classes != len(spec.class_names):
+        raise WeightsError(f"{source.weights}: a model of {channels} channel(s) and "
                            f"{classes} classes does not fit {name} ({spec.channels} channel(s), "
                            f"{len(spec.class_names)} classes)")
     if card and card.class_names != spec.class_names:
@@ -96,7 +101,7 @@ def test_split(options: Options, source: Source, model, card):
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
-        source, model, card = read_weights(options.weights)
+        source, model, card = read_weights(options.weights, options.model)
         accelerator = distributed.setup(cpu=options.cpu, timeout_s=Config.dist_timeout,
                                         mixed_precision=options.mixed_precision or source.mixed_precision)
     except cli.USER_ERROR_TYPES as err:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dist_resnet import checkpoint, cli, datasets, files, transforms
-from dist_resnet.config import WIDTHS, ExitCode, Parser, positive, require
+from dist_resnet.config import KINDS, WIDTHS, ExitCode, Parser, positive, require
 from dist_resnet.runs import find_source
 from dist_resnet.model import (WeightsError, from_notebook_names, load_model, open_weights, to_notebook_names,
                                 weights_path)
@@ -40,6 +40,7 @@ class Options:
     check_images: int
     to_notebook: bool = False
     from_notebook: bool = False
+    model: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="instead of ONNX: WEIGHTS is a state dict saved by the original notebook's model "
                         "(torch.save(model.state_dict(), FILE)); write it as model.safetensors beside it (or "
                         "--output), which evaluate, predict and export read")
+    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
+                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
+                        "a weights file never chooses code to run (default: the one the weights file names)")
     args = parser.parse_args(argv)
     if args.to_notebook and args.from_notebook:
         parser.error("--to-notebook and --from-notebook go opposite ways: choose one")
@@ -172,7 +176,7 @@ def convert_notebook(args: Options) -> int:
     if args.from_notebook:
         content = checkpoint.tensor_bytes(notebook_state(args.weights))
     else:
-        model = load_model(args.weights, WIDTHS.accepts)
+        model = load_model(args.weights, WIDTHS.accepts, args.model)
         buffer = io.BytesIO()
         torch.save(to_notebook_names(model.state_dict()), buffer)
         content = buffer.getvalue()
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # before any work: refused in a second, not after the check
         return cli.fail(PROG, err, code=ExitCode.BAD_INPUT)
     try:
-        model = load_model(args.weights, WIDTHS.accepts).eval()
+        model = load_model(args.weights, WIDTHS.accepts, args.model).eval()
         images, spec = test_images(args, model)
         content = onnx_bytes(model, spec)
         difference = check(content, model, images, spec)

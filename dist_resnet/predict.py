@@ -19,12 +19,12 @@ import torch
 
 from dist_resnet import cli, datasets
 from dist_resnet.transforms import MNIST_SPEC, DataSpec
-from dist_resnet.config import WIDTHS, Kind, Parser
+from dist_resnet.config import KINDS, WIDTHS, Kind, Parser
 from dist_resnet.images import image_files, read_digit, read_resized
-from dist_resnet.model import ResNet, WeightsError, load_model, weights_path
+from dist_resnet.model import WeightsError, load_model, weights_path
 
 
-def trained_on(weights: Path, model: ResNet, dataset: str | None) -> DataSpec:
+def trained_on(weights: Path, model: torch.nn.Module, dataset: str | None) -> DataSpec:
     """What the weights file says the model was trained on (datasets.card_spec), checked
     against --dataset."""
     spec = datasets.card_spec(weights, model) or MNIST_SPEC
@@ -61,7 +61,7 @@ BATCH_PIXELS = 256 * 28 * 28  # images of a forward pass: 256 of MNIST's size, f
 
 
 @torch.no_grad()
-def predict_files(model: ResNet, paths: list[str | Path], spec: DataSpec = MNIST_SPEC) -> list[dict]:
+def predict_files(model: torch.nn.Module, paths: list[str | Path], spec: DataSpec = MNIST_SPEC) -> list[dict]:
     """[{"file", "prediction", "class", "probabilities": [a float per class]}] for each image
     file, in order. Every image is read before the model runs, so a bad one fails before any
     output."""
@@ -103,6 +103,7 @@ class Options:
     dataset: str | None
     json: bool
     top_k: int | None
+    model: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -118,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--top-k", type=Kind(int, lambda v: 0 <= v <= 99, "a whole number from 0 to 99"),
                         default=None, metavar="K",
                         help="runners-up shown in the table, fewer than the classes (default: 2, or 1 for a 2-class model)")
+    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
+                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
+                        "a weights file never chooses code to run (default: the one the weights file names)")
     return Options(**vars(parser.parse_args(argv)))
 
 
@@ -125,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = load_model(args.weights, WIDTHS.accepts)
+        model = load_model(args.weights, WIDTHS.accepts, args.model)
         spec = trained_on(weights_path(args.weights), model, args.dataset)
         top_k = min(2, len(spec.class_names) - 1) if args.top_k is None else args.top_k
         if top_k >= len(spec.class_names):

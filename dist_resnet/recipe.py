@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dist_resnet import batches, distributed, transforms
+from dist_resnet import batches, distributed, model, transforms
 from dist_resnet.config import Config
 from dist_resnet.ema import WeightEMA
 from dist_resnet.metrics import Evaluation, deduplicate
-from dist_resnet.model import ResNet, convert_sync_bn, recalibrate_batchnorm, should_sync_bn
+from dist_resnet.model import convert_sync_bn, recalibrate_batchnorm, should_sync_bn
 
 
 
@@ -111,10 +111,12 @@ class RecipeError(Exception):
     """Options that cannot make a run of this length (a warmup as long as the run)."""
 
 
-def initial_net(config: Config, spec: transforms.DataSpec, seed: int) -> ResNet:
-    """The model's initial weights: they come from the seed, the same on every rank."""
+def initial_net(config: Config, spec: transforms.DataSpec, seed: int) -> torch.nn.Module:
+    """The model (--model) with its initial weights: they come from the seed, the same on every
+    rank."""
     set_seed(seed)
-    return ResNet(config.widths, spec.channels, len(spec.class_names))
+    return model.build(config.model, model.Shape(spec.channels, len(spec.class_names), tuple(spec.size)),
+                       config.widths)
 
 
 def build_model(config: Config, spec: transforms.DataSpec, world_size: int, device_type: str) -> torch.nn.Module:
@@ -151,6 +153,7 @@ class Recipe:
 
         net = build_model(config, self.spec, world_size, accelerator.device.type)
         self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
+        self.has_batchnorm = model.has_batchnorm(net)
         if config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         on_gpu = accelerator.device.type == "cuda"
@@ -275,8 +278,8 @@ class Recipe:
         if self.config.bn_recalibrate:
             inputs = [self.spec.normalize(images, channels_last=self.config.channels_last)
                       for images, _ in self.train.batches(batches[:self.config.bn_recalibrate])]
-            for model in (self.net, *([self.ema.model] if self.ema is not None else [])):
-                recalibrate_batchnorm(model, inputs)
+            for averaged in (self.net, *([self.ema.model] if self.ema is not None else [])):
+                recalibrate_batchnorm(averaged, inputs)
 
     def evaluate(self, test) -> Evaluation:
         distributed.broadcast_buffers(self.model)  # every rank evaluates rank 0's BatchNorm statistics
@@ -284,7 +287,17 @@ class Recipe:
 
     def card(self) -> dict:
         """What the weights file says of this model and its data (model.CARD_KEY)."""
-        return {"widths": list(self.config.widths), **self.spec.card()}
+        return {"model": self.config.model, "widths": list(self.config.widths), **self.spec.card()}
+
+    def start_from(self, path: str) -> tuple[str, list[str]]:
+        """--init-from: trained weights into the model (and its average), on every rank, before
+        the first step; (the file's SHA-256, the tensors not loaded: a classifier for another
+        number of classes keeps its fresh weights)."""
+        digest, skipped = model.start_from(self.net, path, self.config.model, len(self.spec.class_names))
+        if self.ema is not None:
+            self.ema.load_state_dict({"weights": self.net.state_dict()})
+        self._initial = {name: copy.deepcopy(part.state_dict()) for name, part in self.state().items()}
+        return digest, skipped
 
     def evaluate_ema(self, test) -> Evaluation:
         """The weight average's evaluation (--ema). Its parameters are the same on every rank;

@@ -80,7 +80,7 @@ class RunRecord:
             if not isinstance(values.get("run_id"), str):
                 raise ValueError("no run_id")
             config = Config.from_dict({k: values[k] for k in option_names if k in values}, "options")
-            facts = from_values(Facts, {"intra_op_threads": None,
+            facts = from_values(Facts, {"intra_op_threads": None, "init_from_sha256": None,
                                         **{k: values[k] for k in fact_names if k in values}}, "facts")
             wrong = [name for name, ok in (
                 ("world_size", facts.world_size >= 1), ("per_process_batch", facts.per_process_batch >= 1),
@@ -172,7 +172,9 @@ def claim(config: Config, lock: files.DirectoryLock, checkpoint_run_id: str | No
         raise RunDirError(f"--output-dir {directory} holds a run with other options: "
                           f"{'; '.join(mismatches)}. `--resume auto --output-dir {directory}` alone "
                           "continues it with its own options (those that decide what is trained may not "
-                          "change), or choose another --output-dir")
+                          "change), or choose another --output-dir" + (
+                              f"; to train on from its weights, start a new run with --init-from {directory}"
+                              if (directory / "model.safetensors").is_file() else ""))
     return Claim(record.run_id, record)
 
 

@@ -15,7 +15,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from dist_resnet import cli, compile_cache, datasets, distributed, recipe, tracking
+from dist_resnet import cli, compile_cache, datasets, distributed, model, recipe, tracking
 from dist_resnet.config import CommandLine, Config, ExitCode, rank_from_env, read_command_line
 from dist_resnet.training import startup
 from dist_resnet.training.journal import Phases
@@ -27,7 +27,7 @@ PROG = "dist_resnet/train.py"
 def read_args(argv: list[str]) -> CommandLine:
     """The command line, with the schedules, trackers and data sets that exist; bad input exits 2."""
     return read_command_line(argv, schedules=recipe.SCHEDULES, trackers=tracking.TRACKERS,
-                             datasets=datasets.DATASETS)
+                             datasets=datasets.DATASETS, imports_code=model.imports_code)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -91,17 +91,19 @@ def train(run: Run) -> int:
                 if signum or run.checkpoint_due():
                     run.checkpoint()
                 if signum:
-                    run.stopped(signum, continue_command(run.output_dir))
+                    run.stopped(signum, continue_command(run.output_dir, run.config.model))
                     return ExitCode.OK
         stop.settle()  # the last check's all-reduce: none may be in flight at teardown
         run.finish()
         return ExitCode.OK
 
 
-def continue_command(output_dir: Path) -> str:
+def continue_command(output_dir: Path, model_name: str = "reference") -> str:
     """How to continue a stopped run, as a command that works as printed: the run's record
-    holds its options (config.read_command_line), so these two are all it needs."""
-    options = f"--resume auto --output-dir {shlex.quote(str(output_dir))}"
+    holds its options (config.read_command_line), so these two are all it needs, and --model
+    where it is the user's code, which only the command line may name."""
+    options = f"--resume auto --output-dir {shlex.quote(str(output_dir))}" + (
+        f" --model {shlex.quote(model_name)}" if model.imports_code(model_name) else "")
     if distributed.is_distributed():
         return f"Continue with the same launch command and {PROG}'s options {options}"
     started = sys.argv[0] if sys.argv else PROG

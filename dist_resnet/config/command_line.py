@@ -11,10 +11,10 @@ import dataclasses
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from dist_resnet.config.option_files import checked_options, options_file_in, read_options_file
+from dist_resnet.config.option_files import checked_options, options_file_in, read_options_file, typed_ahead
 from dist_resnet.config.options import (BEST_METRICS, COMPILE_MODES, DATA_PATHS, DEBUG_OVERRIDES, FAST_RECIPE, FRACTION,
                                         KINDS, MIXED_PRECISION, NON_NEGATIVE, NAME, NON_NEGATIVE_NUMBER, OPEN_FRACTION,
                                         OPTIMIZERS, PATH, PER_CHANNEL, SEED, SPREAD, STEPS_OR_FRACTION, WANDB_MODES,
@@ -102,7 +102,7 @@ class Parser(argparse.ArgumentParser):
 DEFAULT_WORDS = {
     "train_limit": "all", "test_limit": "all", "image_size": "the data set's own size", "mean": "the data set's",
     "std": "the data set's", "workers": "the cores per process, less one, at most 8", "clip_grad": "none",
-    "ema": "none", "keep_best": "none", "early_stop": "none", "config_file": "none",
+    "ema": "none", "keep_best": "none", "init_from": "none: the seed's initial weights", "early_stop": "none", "config_file": "none",
     "mixed_precision": "what `accelerate launch` or `accelerate config` set, else no", "compile_cache": "none",
     "resume": "none: a new run", "output_dir": "runs/RUN_NAME", "tags": "none", "notes": "none", "group": "none",
     "run_name": "the start time and a random suffix, YYYYmmdd-HHMMSS-xxxx",
@@ -150,7 +150,15 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
                       "image, done on the device")
 
     model = p.add_argument_group("model")
-    model.add_argument("--widths", type=WIDTHS, help="channels per residual block")
+    model.add_argument("--model", type=KINDS["model"], metavar="NAME",
+                       help="reference (the reference ResNet), a torchvision classification model by its name "
+                       "(such as resnet18), timm:NAME (timm installed), or your own: FILE.py:FUNCTION or "
+                       "package.module:FUNCTION, called as FUNCTION(channels, classes, image_size) "
+                       "(docs/your-model.md)")
+    model.add_argument("--init-from", type=PATH, metavar="WEIGHTS",
+                       help="start from trained weights: a run directory or a .safetensors file of the same "
+                       "--model; a classifier for another number of classes is made anew")
+    model.add_argument("--widths", type=WIDTHS, help="channels per residual block of the reference model")
     model.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                        help="convert BatchNorm to SyncBatchNorm when several GPU processes train")
 
@@ -279,8 +287,11 @@ class CommandLine:
 
 
 def read_command_line(argv: list[str], schedules: Iterable[str], trackers: Iterable[str],
-                      datasets: Iterable[str]) -> CommandLine:
-    """train.py's command line; exits 2 (on rank 0, one message) on bad input."""
+                      datasets: Iterable[str], imports_code: Callable[[str], bool] = lambda name: False
+                      ) -> CommandLine:
+    """train.py's command line; exits 2 (on rank 0, one message) on bad input. imports_code
+    says which --model names run the user's code (model.imports_code): only the command line
+    itself may give one, never an options file or a run record."""
     parser = build_parser(schedules, trackers, datasets)
     problem = launcher_problem()
     if problem:
@@ -306,14 +317,18 @@ def read_command_line(argv: list[str], schedules: Iterable[str], trackers: Itera
         elif value is None:
             args[key] = getattr(defaults, key)
     config = _checked(parser, Config(**args))
+    if imports_code(config.model) and typed_ahead(argv).model != config.model:
+        source = f"--config {path}" if path else f"the run record {recorded}"
+        parser.error(f"--model {config.model} (from {source}) runs code from outside the suite; an options file "
+                     f"or a run record never chooses code to run: give --model {config.model} on the command line")
     given = {"command_line": list(argv), "config_file": path or recorded, "config_file_options": file_values}
     return CommandLine(config, given, implied)
 
 
 def parse_config(argv: list[str], schedules: Iterable[str], trackers: Iterable[str],
-                 datasets: Iterable[str]) -> Config:
+                 datasets: Iterable[str], imports_code: Callable[[str], bool] = lambda name: False) -> Config:
     """train.py's Config from its command line (read_command_line's config)."""
-    return read_command_line(argv, schedules, trackers, datasets).config
+    return read_command_line(argv, schedules, trackers, datasets, imports_code).config
 
 
 def _checked(parser: Parser, config: Config) -> Config:

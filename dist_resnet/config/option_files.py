@@ -27,18 +27,24 @@ class _Lenient(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def typed_ahead(argv: list[str]) -> argparse.Namespace:
+    """The few options read ahead of the rest, as typed on the command line (None: not typed):
+    --config, --resume, --output-dir, --model. Every mistake is left to the real parser."""
+    pre = _Lenient(add_help=False, allow_abbrev=False)
+    for name in ("--config", "--resume", "--output-dir", "--model"):
+        pre.add_argument(name)
+    try:
+        return pre.parse_known_args(argv)[0]
+    except ValueError:  # the real parser says what is wrong
+        return argparse.Namespace(config=None, resume=None, output_dir=None, model=None)
+
+
 def options_file_in(argv: list[str]) -> tuple[str | None, str | None]:
     """(FILE, RECORD): the --config FILE of a command line, read ahead of the rest because its
     options become the defaults; or, for --resume auto into an --output-dir that holds a run,
     without --config, that run's record, so that a run continues with the options it was
     started with, without retyping them (those given again must agree: rundir.claim)."""
-    pre = _Lenient(add_help=False, allow_abbrev=False)
-    for name in ("--config", "--resume", "--output-dir"):
-        pre.add_argument(name)
-    try:
-        known, _ = pre.parse_known_args(argv)
-    except ValueError:  # the real parser says what is wrong
-        return None, None
+    known = typed_ahead(argv)
     if known.config or known.resume != "auto" or not known.output_dir:
         return known.config, None
     record = Path(known.output_dir) / RUN_RECORD

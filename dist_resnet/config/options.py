@@ -68,7 +68,9 @@ class Config:
     data_path: str = "auto"  # resident|stream|auto (resident when the data fits)
     workers: int | None = None  # streaming loader processes per rank (default: from the free cores)
     # model
-    widths: tuple[int, ...] = (32, 64, 128)  # channels of each residual block
+    model: str = "reference"  # a name from model.FAMILIES: reference, a torchvision model, timm:NAME, FILE.py:FUNCTION
+    init_from: str | None = None  # start from these trained weights (a run directory or a .safetensors file)
+    widths: tuple[int, ...] = (32, 64, 128)  # channels of each residual block (the reference model)
     sync_bn: bool = True  # SyncBatchNorm when several GPU processes train
     # optimisation
     epochs: int = 60
@@ -162,6 +164,7 @@ class Facts:
     # torch's intra-op threads per process (OMP_NUM_THREADS, else one per core): they decide
     # the speed on a CPU, and whether a rerun there is bitwise equal. None in older records.
     intra_op_threads: int | None = None
+    init_from_sha256: str | None = None  # of the --init-from weights file; None without one
 
 
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
@@ -169,7 +172,7 @@ class Facts:
 ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers",
                  "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
                  "keep_best", "early_stop", "profile", "config_file", "deterministic", "stop_check_every",
-                 "compile_cache")
+                 "compile_cache", "model", "init_from")
 
 
 def from_values(cls, values: dict, source: str):
@@ -191,7 +194,7 @@ def from_values(cls, values: dict, source: str):
 MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn",
                         "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
-                        "accumulate", "ema", "keep_best", "early_stop")
+                        "accumulate", "ema", "keep_best", "early_stop", "model", "init_from")
 
 
 def resume_mismatches(saved: Config, current: Config) -> list[str]:
@@ -305,7 +308,9 @@ PER_CHANNEL = Kind(_read_floats, lambda v: 0 < len(v) <= 4 and all(math.isfinite
                    "1 to 4 comma-separated numbers (one, or one per channel), such as 0.5,0.5,0.5")
 SPREAD = Kind(_read_floats, lambda v: 0 < len(v) <= 4 and all(math.isfinite(x) and x > 0 for x in v),
               "1 to 4 comma-separated positive numbers (one, or one per channel)")
-PATH = Kind(str, bool, "a path")  # not empty: '' would be the working directory itself
+PATH = Kind(str, bool, "a path")
+# A model's name (model.FAMILIES decides which exist): text of one line.
+MODEL_NAME = Kind(str, lambda v: 0 < len(v) <= 1024 and v.isprintable(), "a model name, such as resnet18")  # not empty: '' would be the working directory itself
 # Config fields whose values must be of a kind (the others are free text, flags or choices).
 KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WIDTHS,
          "epochs": positive(int, 10**6), "batch_size": positive(int), "lr": positive(float),
@@ -317,7 +322,8 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64"),
          "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
          "clip_grad": positive(float), "accumulate": positive(int),
-         "ema": OPEN_FRACTION, "early_stop": positive(int)}
+         "ema": OPEN_FRACTION, "early_stop": positive(int),
+         "model": MODEL_NAME, "init_from": PATH}
 # Config fields with a fixed set of values (schedules and trackers are checked where they live).
 DATA_PATHS = ("auto", "resident", "stream")
 CHOICES = {"recipe": ("reference", "fast"), "compile_mode": COMPILE_MODES, "data_path": DATA_PATHS,

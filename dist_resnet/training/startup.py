@@ -54,11 +54,15 @@ def start(command: CommandLine, accelerator, phases: Phases, started: float, clo
 
     saver = Saver(config, accelerator, output_dir, claim.run_id, run_recipe, Evaluator.best_of(config))
     meta = _resume(config, accelerator, claim, output_dir, saver, journal)
+    init_sha256 = claim.continues.facts.init_from_sha256 if claim.continues else None
+    if meta is None and config.init_from:  # a new run from trained weights; a resumed one has its own
+        init_sha256 = together(lambda: _start_from(config, run_recipe, journal))
     phases.mark("resume")
 
     closing.callback(journal.close)
-    record = rundir.RunRecord(claim.run_id, config, _facts(config, accelerator, run_recipe, test_data, claim),
-                              command.given)
+    facts = dataclasses.replace(_facts(config, accelerator, run_recipe, test_data, claim),
+                                init_from_sha256=init_sha256)
+    record = rundir.RunRecord(claim.run_id, config, facts, command.given)
     # A continued run keeps its history up to the checkpoint; a new one starts empty.
     resume_step = (meta.step if meta else 0) if claim.continues else None
     together(lambda: journal.open(output_dir, config, record, resume_step, claim.replaces), main_only=True)
@@ -127,6 +131,15 @@ def _resume(config: Config, accelerator, claim: rundir.Claim, output_dir: Path, 
                              warn=journal.say, run_id=claim.continues.run_id if config.resume == "auto" else None)
 
 
+def _start_from(config: Config, run_recipe: recipe.Recipe, journal: Journal) -> str:
+    """--init-from into the fresh model; its SHA-256, for the run record."""
+    digest, skipped = run_recipe.start_from(config.init_from)
+    journal.say(f"starting from the weights in {config.init_from} (sha256 {digest[:12]})"
+                + (f"; made anew for {len(run_recipe.spec.class_names)} classes, not loaded: {', '.join(skipped)}"
+                   if skipped else ""))
+    return digest
+
+
 def _facts(config: Config, accelerator, run_recipe: recipe.Recipe, test_data, claim: rundir.Claim) -> rundir.Facts:
     return rundir.Facts(
         world_size=accelerator.num_processes, per_process_batch=run_recipe.per_process_batch,
@@ -149,7 +162,9 @@ def _announce(config: Config, accelerator, run_recipe: recipe.Recipe, output_dir
     notice = cpu_notice(config, accelerator.device.type, (run_recipe.total_steps - step) * config.batch_size)
     if notice:
         journal.say(notice)
-    if world_size > 1 and not run_recipe.sync_bn:
+    if run_recipe.sync_bn and not run_recipe.has_batchnorm:
+        journal.say(f"--model {config.model} has no BatchNorm layer: SyncBatchNorm has nothing to convert")
+    if world_size > 1 and not run_recipe.sync_bn and run_recipe.has_batchnorm:
         reason = "PyTorch has no SyncBatchNorm on CPU" if accelerator.device.type != "cuda" else "--no-sync-bn"
         journal.say(f"BatchNorm is per process ({reason}): each normalizes its own {per_process} samples")
     if meta:
