@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_resnet import cli, data, datasets, distributed, files, model, provenance, recipe, tracking
+from dist_resnet import cli, compile_cache, data, datasets, distributed, files, model, provenance, recipe, tracking
 from dist_resnet.config import MAX_DIST_TIMEOUT_S, ExitCode, Parser, parse_config, positive
 
 PROG = "dist_resnet/bench.py"
@@ -185,9 +185,14 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
     device, epochs = run.accelerator.device, epoch_steps(run, notebook)
     stream = itertools.chain.from_iterable(epochs(e) for e in itertools.count())
     memory_kind, memory_used = peak_memory(device)
+    warm = warm_start(run)
     start = time.perf_counter()
     for _ in range(warmup):
         next(stream)[0]()
+    cache_status = None if warm is None else warm.status(compile_cache.graphs_compiled())
+    if warm is not None:
+        for problem in warm.save():
+            say(problem)
     # A batch of another size (an epoch's ragged last one) makes cudnn choose its kernels again,
     # which takes seconds on a GPU (docs/benchmarks.md): the warm-up takes one too, so that the
     # timed steps and the time to accuracy do not.
@@ -205,15 +210,31 @@ def measure(options: list[str], notebook: bool, steps: int, warmup: int, target:
     synchronize(device)
     elapsed = time.perf_counter() - start
     mean_loss = window.loss_sum.item() / steps  # read once the clock has stopped
-    result = {"batch_size": run.config.batch_size, "widths": list(run.config.widths), "steps": steps,
+    result = {"model": run.config.model, "batch_size": run.config.batch_size, "widths": list(run.config.widths),
+              "steps": steps,
               "warmup_steps": warmup, "images": window.images, "images_per_s": round(window.images / elapsed, 1),
               "ms_per_step": round(1000 * elapsed / steps, 3), "peak_memory_mb": round(memory_used() / 2**20, 1),
               "memory_kind": memory_kind, "warmup_s": round(warmup_s, 3),
-              "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None}  # JSON has no NaN
+              "mean_loss": round(mean_loss, 4) if np.isfinite(mean_loss) else None,  # JSON has no NaN
+              **({"compile_cache": cache_status} if cache_status else {})}
     if target is not None:
         runs = [time_to_accuracy(run, test, epochs, target, seed) for seed in seeds or [None]]
         result["time_to_accuracy"] = runs[0] if seeds is None else over_seeds(runs)
     return result
+
+
+def warm_start(run: recipe.Recipe) -> "compile_cache.WarmStart | None":
+    """-- --compile --compile-cache DIR: the compiled artifacts of an earlier run or benchmark
+    of the same configuration, loaded before the warm-up compiles; after it, what was compiled
+    is kept there for the next. None without both options."""
+    if not (run.config.compile and run.config.compile_cache):
+        return None
+    store = compile_cache.Store(run.config.compile_cache, "--compile-cache")
+    warm = compile_cache.WarmStart([store], [store], run.accelerator.device, run.compiled_graphs_key(), writer=True)
+    warm.load()
+    for refusal in warm.refusals:
+        say(f"compile cache not used: {refusal}; compiling cold")
+    return warm
 
 
 def peak_memory(device: torch.device):

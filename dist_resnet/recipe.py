@@ -289,6 +289,15 @@ class Recipe:
         """What the weights file says of this model and its data (model.CARD_KEY)."""
         return {"model": self.config.model, "widths": list(self.config.widths), **self.spec.card()}
 
+    def compiled_graphs_key(self) -> dict:
+        """What decides the graphs --compile makes of this recipe: the compile cache's entries
+        are named by it (compile_cache.WarmStart)."""
+        config, device = self.config, self.accelerator.device
+        return {**self.card(), "per_process_batch": self.per_process_batch, "accumulate": config.accumulate,
+                "compile_mode": config.compile_mode, "augment": config.augment,
+                "channels_last": config.channels_last, "mixed_precision": self.accelerator.mixed_precision,
+                "sync_bn": self.sync_bn, "device_index": device.index if device.type == "cuda" else None}
+
     def start_from(self, path: str) -> tuple[str, list[str]]:
         """--init-from: trained weights into the model (and its average), on every rank, before
         the first step; (the file's SHA-256, the tensors not loaded: a classifier for another

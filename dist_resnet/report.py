@@ -2,6 +2,7 @@
 atomically into a directory. Plots are drawn by a child process (a slow drawing must not stall
 the steps), and a plot that cannot be drawn or written is a warning, never a failure."""
 
+import importlib
 import json
 import math
 import select
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,16 @@ class FinalReport:
     table: dict  # the same, as output_dict=True gives it
     plots: dict  # plot name (no extension) -> path of its PNG, for those that were written
     test_images: object  # [i] -> test image i, uint8 [C, H, W] on the host
+
+
+def load_ahead() -> threading.Thread:
+    """Import scikit-learn's metrics in a background thread, so that the report after the last
+    step does not wait for them (docs/compile-cache.md, "Where the end goes"). Started once
+    training runs: nothing else is imported then, so no import can wait on this one."""
+    thread = threading.Thread(target=importlib.import_module, args=("sklearn.metrics",), daemon=True,
+                              name="load-sklearn")
+    thread.start()
+    return thread
 
 
 def write_report(evaluation: Evaluation, directory: Path, title: str | None = None) -> tuple[str, dict]:

@@ -42,7 +42,10 @@ def results(out: Path, step: str) -> list[str]:
         cut = f"  no report; last evaluation: epoch {evals[-1]['epoch']}, test accuracy {evals[-1]['test_acc']:.4f}" \
             if evals else "  no report, no evaluation"
         startup = [f"  start-up: first step after {r['to_first_step_s']} s (compile {r['compile_s']} s, "
-                   f"compile cache {r['compile_cache']})" for r in records if r.get("event") == "startup"]
+                   f"compile cache {r['compile_cache']}); phases {r.get('phases')}"
+                   for r in records if r.get("event") == "startup"]
+        startup += [f"  end: {r['after_last_step_s']} s after the last step, {r['launch_to_report_s']} s from "
+                    f"launch; phases {r['phases']}" for r in records if r.get("event") == "end"]
         checked = [f"  {'PASS' if passed(step, records, report) else 'FAIL'}: a report, and every logged "
                    f"{PASS_FAIL[step][1]} finite"] if step in PASS_FAIL else []
         return [*startup, *checked,

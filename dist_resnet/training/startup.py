@@ -191,11 +191,7 @@ def _warm_start(config: Config, accelerator, run_recipe: recipe.Recipe, output_d
     # artifact; on a CPU every rank's is rank 0's.
     writer = accelerator.is_main_process or (
         device.type == "cuda" and os.environ.get("RANK") == os.environ.get("LOCAL_RANK"))
-    parts = {**run_recipe.card(), "per_process_batch": run_recipe.per_process_batch,
-             "accumulate": config.accumulate, "compile_mode": config.compile_mode, "augment": config.augment,
-             "channels_last": config.channels_last, "mixed_precision": accelerator.mixed_precision,
-             "sync_bn": run_recipe.sync_bn, "device_index": device.index if device.type == "cuda" else None}
-    warm = compile_cache.WarmStart(sources + shared, stores + shared, device, parts, writer)
+    warm = compile_cache.WarmStart(sources + shared, stores + shared, device, run_recipe.compiled_graphs_key(), writer)
     warm.load()
     for refusal in warm.refusals:
         journal.say(f"compile cache not used: {refusal}; compiling cold")
