@@ -1,29 +1,11 @@
-"""Checkpoints that restore a run exactly, written atomically, read without running code.
-
-A checkpoint is a directory OUTPUT_DIR/checkpoints/step-N holding
-- model.safetensors: the plain model's weights (evaluate.py and predict.py read it too);
-- state.safetensors: the optimizer, schedule, gradient scaler and weight EMA, their tensors as tensors and
-  the rest as JSON in the file's metadata;
-- rng-R.safetensors: rank R's random generators (torch, CUDA, numpy, Python);
-- meta.json: the step, the number of processes, the run's configuration and id, and the loss
-  window the log continues.
-Nothing in it is a pickle, so a checkpoint from elsewhere can hold no code; every part is
-checked against the model and the run before it is used.
-
-It is written to checkpoints/tmp-step-N and renamed to step-N only when every rank's part is
-complete: a crash or kill during a save leaves at most a tmp- directory, which resume never
-picks up, and the previous checkpoint stays loadable. Resume falls back to the previous
-complete checkpoint when the newest one is damaged.
-"""
+"""Resuming from a checkpoint: every part read without running code and checked against the
+model and the run before it is used; the previous complete checkpoint when the newest one is
+damaged."""
 
 import copy
 import json
 import math
-import os
 import random
-import re
-import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,226 +15,12 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from dist_resnet import distributed, files
-from dist_resnet.config import MIXED_PRECISION, Config, resume_mismatches
+from dist_resnet.config import Config, resume_mismatches
+from dist_resnet.checkpoint.format import (MAX_PART_BYTES, CheckpointError, IncompatibleCheckpoint, Meta,
+                                         join_state)
 
-NAME = re.compile(r"step-(\d+)")
-FORMAT = 1  # of meta.json and the files beside it; another value is refused
-MAX_PART_BYTES = 2**34  # a part's names and shapes are checked against the run's before use
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be resumed from, with the reason."""
-
-
-class IncompatibleCheckpoint(CheckpointError):
-    """A checkpoint of another configuration or process count than this run's."""
-
-
-class CheckpointWriteError(Exception):
-    """A checkpoint that could not be written (the previous one is kept). Every rank raises it
-    at the same point."""
-
-    agreed = True
-
-
-@dataclass(frozen=True)
-class Meta:
-    """meta.json, read back through the same fields that wrote it."""
-
-    run_id: str
-    step: int
-    world_size: int
-    mixed_precision: str  # as resolved (the launcher's choice, where --mixed-precision was not given)
-    config: Config
-    window: dict  # recipe.LossWindow.state()
-
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "run_id": self.run_id, "step": self.step,
-                           "world_size": self.world_size, "mixed_precision": self.mixed_precision,
-                           "config": self.config.to_dict(), "window": self.window}, indent=2)
-
-    @classmethod
-    def read(cls, directory: Path) -> "Meta":
-        path = directory / "meta.json"
-        try:
-            values = files.read_record(path, FORMAT)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
-        try:
-            window = values["window"]
-            ok = (isinstance(values["run_id"], str) and _count(values["step"]) and _count(values["world_size"])
-                  and isinstance(window.get("loss_sum"), float) and math.isfinite(window["loss_sum"])
-                  and values["mixed_precision"] in MIXED_PRECISION
-                  and values["world_size"] > 0 and isinstance(window, dict) and window.keys() == {"loss_sum", "steps", "images"}
-                  and isinstance(window["loss_sum"], float) and _count(window["steps"]) and _count(window["images"]))
-            if not ok:
-                raise ValueError("run_id, step, world_size or window missing or of the wrong type")
-            config = Config.from_dict(values["config"], "config")
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: damaged ({err})") from None
-        return cls(values["run_id"], values["step"], values["world_size"], values["mixed_precision"],
-                   config, window)
-
-
-def _count(value) -> bool:
-    return type(value) is int and value >= 0
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a step-N directory holding meta.json)."""
-    root = checkpoint_dir(output_dir)
-    found = [p for p in root.glob("step-*") if NAME.fullmatch(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-def save(accelerator: Accelerator, output_dir: str | Path, meta: Meta, parts: dict, keep: int,
-         model_metadata: dict | None = None) -> Path:
-    """Write checkpoint step-<meta.step>; called by every rank. parts: name -> an object with
-    state_dict() (recipe.Recipe.state()); model_metadata: the safetensors metadata of its
-    model.safetensors (what the weights were trained on). A rank that cannot write makes every rank raise
-    CheckpointWriteError, and the previous checkpoint is kept."""
-    root = checkpoint_dir(output_dir)
-    final = root / f"step-{meta.step:08d}"
-    tmp = root / f"tmp-{final.name}"
-
-    def prepare():
-        for stale in root.glob("tmp-*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-    def write_parts():
-        _write_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", *_rng_state())
-        if accelerator.is_main_process:
-            _write_tensors(tmp / "model.safetensors", parts["model"].state_dict(), model_metadata or {})
-            tensors = {}
-            skeleton = {name: _split(part.state_dict(), tensors, name) for name, part in parts.items()
-                        if name != "model"}
-            _write_tensors(tmp / "state.safetensors", tensors, {"state": json.dumps(skeleton)})
-            _write_file(tmp / "meta.json", meta.to_json())
-
-    def publish():
-        files.sync_dir(tmp)
-        if final.is_symlink():  # never follow a link the user put in the way: replace it
-            final.unlink()
-        elif final.exists():  # the same step saved before (a resumed run re-saving it)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        files.sync_dir(root)
-
-    kept = complete_checkpoints(output_dir)
-    _together(prepare if accelerator.is_main_process else None, tmp, kept)
-    _together(write_parts, tmp, kept)
-    _together(publish if accelerator.is_main_process else None, tmp, kept)
-    if accelerator.is_main_process:
-        rotate(output_dir, keep)
-    return final
-
-
-def rotate(output_dir: str | Path, keep: int) -> None:
-    """Remove all but the newest `keep` complete checkpoints. A checkpoint that is a symbolic
-    link loses its link, never what it points to. What cannot be removed is a warning: the new
-    checkpoint is complete whatever happens here."""
-    for old in complete_checkpoints(output_dir)[:-keep]:
-        try:
-            if old.is_symlink():
-                old.unlink()
-            else:
-                shutil.rmtree(old)
-        except OSError as err:
-            print(f"warning: cannot remove the old checkpoint {old} ({err.strerror or err})", file=sys.stderr,
-                  flush=True)
-
-
-def _together(action, tmp: Path, kept: list[Path]) -> None:
-    """Run action (on the ranks that have one); if any rank failed, all raise, saying which
-    checkpoint is now the newest (kept: the complete ones before this save), if any."""
-    message = None
-    if action is not None:
-        try:
-            action()
-        except OSError as err:
-            newest = (f"the newest checkpoint is still {kept[-1]}" if kept else
-                      "no checkpoint of this run exists yet")
-            message = f"cannot write checkpoint {tmp} ({err.strerror or err}); {newest}"
-    message = distributed.first_error(message)
-    if message:
-        raise CheckpointWriteError(message)
-
-
-def tensor_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
-    """A safetensors file's bytes: the tensors on the host, contiguous (a channels-last weight
-    is not), and string metadata."""
-    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
-
-
-def _write_tensors(path: Path, tensors: dict, metadata: dict) -> None:
-    _write_file(path, tensor_bytes(tensors, metadata))
-
-
-def _write_file(path: Path, content: str | bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(content.encode() if isinstance(content, str) else content)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _split(value, tensors: dict, key: str):
-    """A state dict as a JSON skeleton, its tensors moved into `tensors` under dotted keys.
-    Every node says what it is, so that reading back builds the same types and nothing else."""
-    if isinstance(value, torch.Tensor):
-        tensors[key] = value
-        return {"tensor": key}
-    if isinstance(value, dict):
-        if not all(isinstance(k, str | int) for k in value):
-            raise TypeError(f"{key}: keys of a state dict must be str or int")
-        return {"dict": [[k, _split(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
-    if isinstance(value, list | tuple):
-        return {type(value).__name__: [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return {"value": value}
-    raise TypeError(f"{key}: cannot store a {type(value).__name__} in a checkpoint")
-
-
-def _join(node, tensors: dict):
-    """The inverse of _split; anything not of its shape raises ValueError."""
-    if not isinstance(node, dict) or len(node) != 1:
-        raise ValueError(f"unexpected node {str(node)[:80]}")
-    (kind, body), = node.items()
-    if kind == "tensor":
-        return tensors[body]
-    if kind == "dict":
-        return {k: _join(v, tensors) for k, v in body}
-    if kind in ("list", "tuple"):
-        items = [_join(v, tensors) for v in body]
-        return items if kind == "list" else tuple(items)
-    if kind == "value" and (body is None or isinstance(body, bool | int | float | str)):
-        return body
-    raise ValueError(f"unexpected node kind {kind!r}")
-
-
-def _rng_state() -> tuple[dict, dict]:
-    """This process's random generators as tensors, and the numbers that go with them."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    version, words, gauss_next = random.getstate()
-    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
-               "python": torch.tensor(words, dtype=torch.int64)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    numbers = {"numpy": [kind, int(position), int(has_gauss), float(cached)],
-               "python": [version, gauss_next]}
-    return tensors, {"numbers": json.dumps(numbers)}
-
-
-# ---- reading -----------------------------------------------------------------------------------
 
 @dataclass
 class _Loaded:
@@ -309,7 +77,7 @@ def _read(path: Path, accelerator: Accelerator, run_config: Config, total_steps:
         with safe_open(state_part, framework="pt") as file:
             skeleton = json.loads(file.metadata()["state"])
             tensors = {name: file.get_tensor(name) for name in file.keys()}
-        state = {name: _join(node, tensors) for name, node in skeleton.items()}
+        state = {name: join_state(node, tensors) for name, node in skeleton.items()}
         with safe_open(rng_part, framework="pt") as file:
             rng = ({name: file.get_tensor(name) for name in file.keys()},
                    json.loads(file.metadata()["numbers"]))
