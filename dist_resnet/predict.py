@@ -50,10 +50,11 @@ def read_image(path: str | Path, spec: DataSpec = MNIST_SPEC) -> np.ndarray:
     return read_digit(path)[None] if is_digits(spec) else read_resized(path, spec.channels, spec.size)
 
 
-def weights_spec(weights: str | Path) -> DataSpec:
+def weights_spec(weights: str | Path, model: str | None = None) -> DataSpec:
     """What a weights file, or a run's directory holding model.safetensors, says its model was
-    trained on: the spec read_image takes for a model of another data set than MNIST."""
-    return trained_on(weights_path(weights), load_model(weights, WIDTHS.accepts), None)
+    trained on: the spec read_image takes for a model of another data set than MNIST. model:
+    --model, for weights of your own code (a weights file never chooses code to run)."""
+    return trained_on(weights_path(weights), load_model(weights, WIDTHS.accepts, model), None)
 
 
 PROG = "dist_resnet/predict.py"

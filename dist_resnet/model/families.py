@@ -8,17 +8,23 @@ A name that imports code (the user's own) runs that code: the command line must 
 
 import importlib
 import importlib.util
+import itertools
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.func import functional_call
 
 from dist_resnet.model.reference import ResNet
 
 SMALL_IMAGE_SIDE = 32  # and below: torchvision's ResNets get a stem that keeps the resolution
+# torchvision's models that return their auxiliary classifiers' outputs too, a namedtuple, in
+# training mode unless built without them.
+AUXILIARY_CLASSIFIERS = ("googlenet", "inception_v3")
 
 
 class ModelError(Exception):
@@ -66,7 +72,8 @@ def _torchvision(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
     as is usual for CIFAR-sized inputs (otherwise a 28x28 image is 7x7 after the stem)."""
     from torchvision import models
 
-    net = models.get_model(name, weights=None, num_classes=shape.classes)
+    extra = {"aux_logits": False} if name in AUXILIARY_CLASSIFIERS else {}
+    net = models.get_model(name, weights=None, num_classes=shape.classes, **extra)
     small = max(shape.image_size) <= SMALL_IMAGE_SIDE
     if isinstance(net, models.ResNet) and small:
         out = net.conv1.out_channels
@@ -178,4 +185,31 @@ def imports_code(name: str) -> bool:
 
 def build(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
     """The untrained network `name` for a data set of this shape (widths: the reference's)."""
-    return family_of(name).build(name, shape, widths)
+    family = family_of(name)
+    net = family.build(name, shape, widths)
+    if not family.imports_code:  # the user's code may branch on values, which the meta device has not
+        _check_logits(name, net, shape)
+    return net
+
+
+def _check_logits(name: str, net: nn.Module, shape: Shape) -> None:
+    """ModelError, in one line, for a model that cannot take the data set's images or does not
+    return [N, classes] logits in training mode, instead of a traceback at the first step. A
+    forward of two images on the meta device: no arithmetic, and the model's weights, buffers
+    and torch's generator are not touched."""
+    if next(iter(net.parameters()), torch.empty(0)).is_meta:
+        return  # built on the meta device (weights.load_model's shape check): nothing to run yet
+    meta = {key: t.to("meta") for key, t in itertools.chain(net.named_parameters(), net.named_buffers())}
+    images = torch.zeros(2, shape.channels, *shape.image_size, device="meta")
+    was_training = net.training
+    try:
+        out = functional_call(net.train(), meta, (images,))
+    except Exception as err:  # the model's own failure, whatever it raises
+        side = "x".join(map(str, shape.image_size))
+        raise ModelError(f"--model {name} cannot take {shape.channels}x{side} images ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:160]}): try --image-size") from None
+    finally:
+        net.train(was_training)
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (2, shape.classes)):
+        got = f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"--model {name} returns {got}, not logits [N, {shape.classes}]")
