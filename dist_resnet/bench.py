@@ -170,8 +170,8 @@ def epoch_steps(run: recipe.Recipe, notebook: bool):
         return lambda epoch: ((lambda x=x, y=y: run.step_on(x.to(device) * 255, y.to(device)), len(y))
                               for x, y in loader)
     # Streamed, a batch is read (by the loader) when its step is taken from the generator: timed.
-    return lambda epoch: ((lambda x=x, y=y: run.step_on(x, y), len(y))
-                          for x, y in run.train.batches(run.batches(epoch)))
+    return lambda epoch: ((lambda x=x, y=y, i=i: run.step_on(x, y, i), len(y))
+                          for x, y, i in run.epoch_batches(run.batches(epoch)))
 
 
 def synchronize(device: torch.device) -> None:

@@ -134,8 +134,6 @@ class Recipe:
     def __init__(self, config: Config, accelerator: Accelerator, train):
         self.config, self.accelerator = config, accelerator
         self.train, self.spec = train, train.spec  # a data.Resident or data.Streamed training split
-        if config.augment:  # the step learns which samples it trains on: their keys choose their transforms
-            self.train = KeyedSplit(train)
         world_size = accelerator.num_processes
         self.per_process_batch = config.batch_size // world_size
         self.sampler = batches.make_sampler(len(train), world_size, accelerator.process_index,
@@ -213,13 +211,20 @@ class Recipe:
 
     def step(self, index: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the training images at `index`; the loss, still on the device."""
-        return self.step_on(*next(self.train.batches([index])))
+        return self.step_on(*next(self.train.batches([index])), index)
 
-    def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def epoch_batches(self, batches: tuple[torch.Tensor, ...]):
+        """(images, labels, index) of each of these index batches (Recipe.batches), on the
+        device: index holds the samples' places in the training set, which choose their
+        augmentation (--augment)."""
+        for index, (images, labels) in zip(batches, self.train.batches(batches)):
+            yield images, labels, index
+
+    def step_on(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """One optimizer step on a batch of 0-255 pixels, its forward and backward in
         --accumulate micro-batches; DDP all-reduces the gradients in the last one only. Nothing
         in it waits for the device. The loss (the batch's mean) stays on the device."""
-        keys = self.augment_keys(images)
+        keys = self.augment_keys(index, images.device)
         parts = [(x, y, k) for x, y, k in zip(images.tensor_split(self.config.accumulate),
                                               labels.tensor_split(self.config.accumulate),
                                               keys.tensor_split(self.config.accumulate) if keys is not None
@@ -240,15 +245,14 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def augment_keys(self, images: torch.Tensor) -> torch.Tensor | None:
-        """--augment: the augmentation keys (transforms.sample_keys) of the batch `images`, read from
-        the training split by KeyedSplit: seed, epoch and each sample's index, so that every
-        image of a global batch gets its own transform, the same for any process count. None
-        without --augment, or for images that did not come from the split (the global
-        generator then draws)."""
-        if not self.config.augment or self.train.last is None or self.train.last[0] is not images:
+    def augment_keys(self, index: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """--augment: the augmentation keys (transforms.sample_keys) of the samples at `index` in
+        the training set: seed, epoch and each sample's index, so that every image of a global
+        batch gets its own transform, the same for any process count. None without --augment,
+        or for images given without their index (the global generator then draws)."""
+        if not self.config.augment or index is None:
             return None
-        return transforms.sample_keys(self.sampler.seed, self.sampler.epoch, self.train.last[1])
+        return transforms.sample_keys(self.sampler.seed, self.sampler.epoch, index.to(device))
 
     def backward_on(self, images: torch.Tensor, labels: torch.Tensor, share: float,
                     keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,28 +317,6 @@ class Recipe:
         its BatchNorm buffers average each rank's own, so rank 0's are used, as for the model."""
         distributed.broadcast_buffers(self.ema.model)
         return evaluate(self.ema.model, test, self.accelerator, self.per_process_batch)
-
-
-class KeyedSplit:
-    """A training split (data.Resident or data.Streamed) that remembers the batch it yielded
-    last with its sample indices, for the step's augmentation keys (Recipe.augment_keys):
-    train.py hands the step images and labels only."""
-
-    def __init__(self, split):
-        self.split = split
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, their sample indices)
-
-    def __getattr__(self, name):  # everything else is the split's
-        return getattr(self.split, name)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def batches(self, index_batches):
-        index_batches = list(index_batches)
-        for index, (images, labels) in zip(index_batches, self.split.batches(index_batches)):
-            self.last = (images, index.to(images.device))
-            yield images, labels
 
 
 @torch.no_grad()

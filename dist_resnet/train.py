@@ -80,8 +80,8 @@ def train(run: Run) -> int:
     stop = distributed.StopRequest(announce=run.journal.say, every=run.config.stop_check_every)
     with stop.handling():  # till the end: a stop asked for during the report changes nothing
         with run.journal.progress_bar(run.step, run.recipe.total_steps):
-            for images, labels in run.remaining_batches():
-                loss = run.recipe.step_on(images, labels)  # forward, backward, optimizer step
+            for images, labels, index in run.remaining_batches():
+                loss = run.recipe.step_on(images, labels, index)  # forward, backward, optimizer step
                 run.count(loss, len(labels))  # loss window and progress; logs every --log-every steps
                 if run.warm is not None:  # this process's first step, which compiled
                     run.first_step_done()

@@ -128,7 +128,7 @@ def test_the_warm_up_takes_the_ragged_batch_and_images_are_counted(mnist_dir, tm
     ragged = digits(mnist_dir, tmp_path, 200)
     sizes = []
     step_on = bench.recipe.Recipe.step_on
-    monkeypatch.setattr(bench.recipe.Recipe, "step_on", lambda run, x, y: sizes.append(len(y)) or step_on(run, x, y))
+    monkeypatch.setattr(bench.recipe.Recipe, "step_on", lambda run, x, y, *i: sizes.append(len(y)) or step_on(run, x, y, *i))
     result = bench.measure(bench.train_options("eager_fp32", settings_for(ragged), ragged), notebook=False,
                            steps=4, warmup=1, target=None)
     assert sizes == [64, 8, 64, 64, 8, 64]  # warm-up: a step and the ragged batch; then 4 timed steps

@@ -48,6 +48,10 @@ class Family:
     matches: Callable[[str], bool]
     build: Callable[[str, Shape, tuple[int, ...]], nn.Module]
     imports_code: bool = False  # the user's own code: only a name typed on the command line
+    # Whether a build is tried on the meta device first (_check_logits): models made for other
+    # inputs (ImageNet's), whose failure on the data set's images would come at the first step.
+    # Not the reference (made for these inputs), nor the user's code (it may branch on values).
+    check_output: bool = False
     describe: str = ""
 
 
@@ -163,8 +167,9 @@ def _load_module(source: str):
 FAMILIES = {
     "reference": Family(lambda name: name == "reference", _reference,
                         describe="the reference ResNet (--widths)"),
-    "torchvision": Family(_is_torchvision, _torchvision, describe="torchvision's classification models by name"),
-    "timm": Family(lambda name: name.startswith("timm:"), _timm, describe="timm's models, timm:NAME"),
+    "torchvision": Family(_is_torchvision, _torchvision, check_output=True,
+                          describe="torchvision's classification models by name"),
+    "timm": Family(lambda name: name.startswith("timm:"), _timm, check_output=True, describe="timm's models, timm:NAME"),
     "code": Family(_is_code, _code, imports_code=True,
                    describe="your own, FILE.py:FUNCTION or package.module:FUNCTION"),
 }
@@ -187,7 +192,7 @@ def build(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
     """The untrained network `name` for a data set of this shape (widths: the reference's)."""
     family = family_of(name)
     net = family.build(name, shape, widths)
-    if not family.imports_code:  # the user's code may branch on values, which the meta device has not
+    if family.check_output:
         _check_logits(name, net, shape)
     return net
 

@@ -39,14 +39,14 @@ class Run:
         return self.saver.output_dir
 
     def remaining_batches(self):
-        """Every batch left, epoch after epoch, as (images, labels) on the device; a resumed run
-        continues at the next batch (streamed, the batches before it are never read)."""
+        """Every batch left, epoch after epoch, as (images, labels, index) on the device; a
+        resumed run continues at the next batch (streamed, the batches before it are never read)."""
         first_epoch, skip = divmod(self.step, self.recipe.steps_per_epoch)
         for epoch in range(first_epoch, self.config.epochs):
             if self.evaluator.stopping_early(self.step):
                 return
             self.batches = self.recipe.batches(epoch)
-            yield from self.recipe.train.batches(self.batches[skip:])
+            yield from self.recipe.epoch_batches(self.batches[skip:])
             skip = 0
 
     def count(self, loss: torch.Tensor, batch_len: int) -> None:
