@@ -86,14 +86,15 @@ def use_deterministic_algorithms() -> None:
 
 def make_optimizer(parameters, config: Config, on_gpu: bool) -> torch.optim.Optimizer:
     """--optimizer. Fused kernels (one for all parameters instead of several per tensor) on CUDA."""
+    # Passed only when asked for: the default run's optimizer state stays what it was.
+    betas = {"betas": (0.9, config.adam_beta2)} if config.adam_beta2 != Config().adam_beta2 else {}
     if config.optimizer == "adamw":  # its own default decay is 0.01: ours is what was asked for
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=on_gpu)
-    # Passed only when asked for: the default run's optimizer state stays what it was (an int 0).
-    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=on_gpu, **betas)
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}  # (an int 0 otherwise)
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True,
                                fused=on_gpu, **decay)
-    return torch.optim.Adam(parameters, lr=config.lr, fused=on_gpu, **decay)
+    return torch.optim.Adam(parameters, lr=config.lr, fused=on_gpu, **decay, **betas)
 
 
 class NonFiniteLoss(Exception):

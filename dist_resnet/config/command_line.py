@@ -176,6 +176,9 @@ def build_parser(schedules: Iterable[str], trackers: Iterable[str], datasets: It
     training.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER,
                           help="AdamW's decoupled weight decay (an L2 penalty with adam and sgd)")
     training.add_argument("--momentum", type=OPEN_FRACTION, help="SGD's Nesterov momentum (--optimizer sgd only)")
+    training.add_argument("--adam-beta2", type=OPEN_FRACTION, metavar="BETA2",
+                          help="Adam's and AdamW's second-moment decay (their beta1 is cycled by --schedule "
+                          "onecycle, else 0.9)")
     training.add_argument("--label-smoothing", type=FRACTION, help="label smoothing of the cross-entropy loss")
     training.add_argument("--clip-grad", type=KINDS["clip_grad"], metavar="NORM",
                           help="clip the gradients' total 2-norm to NORM (after fp16 unscaling); the norm "
@@ -310,6 +313,8 @@ def read_command_line(argv: list[str], schedules: Iterable[str], trackers: Itera
                and "mixed_precision" not in (file_values or {}))
     overrides = {**(FAST_RECIPE if args["recipe"] == "fast" else {}),
                  **(DEBUG_OVERRIDES if args["debug"] else {})}
+    if (args["optimizer"] or Config().optimizer) == "sgd":  # the recipe's Adam setting is not SGD's
+        overrides.pop("adam_beta2", None)
     defaults = Config()
     for key, value in args.items():
         if value is None and key in overrides:
@@ -344,6 +349,8 @@ def _checked(parser: Parser, config: Config) -> Config:
         parser.error("--schedule onecycle warms up by itself: drop --warmup-steps, or use --schedule cosine")
     if config.momentum != Config().momentum and config.optimizer != "sgd":
         parser.error(f"--momentum is SGD's: add --optimizer sgd (now {config.optimizer})")
+    if config.adam_beta2 != Config().adam_beta2 and config.optimizer == "sgd":
+        parser.error("--adam-beta2 is Adam's and AdamW's: drop it with --optimizer sgd")
     mode = os.environ.get("WANDB_MODE")
     if config.wandb_mode is None and mode and mode not in (*WANDB_MODES, "dryrun", "run"):
         parser.error(f"WANDB_MODE={mode!r} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")

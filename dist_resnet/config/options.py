@@ -42,7 +42,7 @@ DEBUG_OVERRIDES = {"epochs": 1, "widths": (8, 16, 32), "train_limit": 16384, "ba
 # label smoothing, BatchNorm statistics recomputed before each evaluation (their running
 # averages lag far behind the weights this early), and every speed option. Chosen by accuracy
 # on real MNIST (docs/benchmarks.md).
-FAST_RECIPE = {"batch_size": 512, "epochs": 3, "lr": 8e-3, "schedule": "onecycle",
+FAST_RECIPE = {"batch_size": 128, "epochs": 1, "lr": 1e-2, "adam_beta2": 0.99, "schedule": "onecycle",
                "label_smoothing": 0.1, "bn_recalibrate": 16, "channels_last": True,
                "compile": True, "mixed_precision": "bf16"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -80,6 +80,7 @@ class Config:
     optimizer: str = "adam"  # adam|adamw (decoupled weight decay)|sgd (Nesterov momentum)
     weight_decay: float = 0.0  # AdamW's decoupled decay; an L2 penalty with adam and sgd
     momentum: float = 0.9  # SGD's Nesterov momentum
+    adam_beta2: float = 0.999  # Adam's and AdamW's second-moment decay
     warmup_steps: float = 0.0  # linear warmup: N optimizer steps, or a fraction (< 1) of all steps
     clip_grad: float | None = None  # clip the gradients' total 2-norm to this (after fp16 unscaling)
     accumulate: int = 1  # micro-batches per process and optimizer step (gradient accumulation)
@@ -170,7 +171,7 @@ class Facts:
 # Options newer than the first run records (config.json, a checkpoint's meta.json); their
 # defaults reproduce what the suite did before they existed.
 ADDED_OPTIONS = ("dataset", "image_size", "mean", "std", "data_path", "workers",
-                 "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad", "accumulate", "ema",
+                 "optimizer", "weight_decay", "momentum", "adam_beta2", "warmup_steps", "clip_grad", "accumulate", "ema",
                  "keep_best", "early_stop", "profile", "config_file", "deterministic", "stop_check_every",
                  "compile_cache", "model", "init_from")
 
@@ -193,7 +194,7 @@ def from_values(cls, values: dict, source: str):
 # the list). Every other option may change between the pieces of a run.
 MUST_MATCH_ON_RESUME = ("dataset", "widths", "batch_size", "epochs", "lr", "schedule", "label_smoothing",
                         "augment", "seed", "train_limit", "image_size", "mean", "std", "compile", "sync_bn",
-                        "optimizer", "weight_decay", "momentum", "warmup_steps", "clip_grad",
+                        "optimizer", "weight_decay", "momentum", "adam_beta2", "warmup_steps", "clip_grad",
                         "accumulate", "ema", "keep_best", "early_stop", "model", "init_from")
 
 
@@ -320,7 +321,7 @@ KINDS = {"train_limit": positive(int), "test_limit": positive(int), "widths": WI
          "keep_checkpoints": positive(int), "eval_every": positive(int), "log_every": positive(int),
          "run_name": NAME, "output_dir": PATH, "data_dir": PATH, "compile_cache": PATH, "image_size": positive(int, 4096),
          "mean": PER_CHANNEL, "std": SPREAD, "workers": Kind(int, lambda v: 0 <= v <= 64, "a whole number from 0 to 64"),
-         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
+         "weight_decay": NON_NEGATIVE_NUMBER, "momentum": OPEN_FRACTION, "adam_beta2": OPEN_FRACTION, "warmup_steps": STEPS_OR_FRACTION,
          "clip_grad": positive(float), "accumulate": positive(int),
          "ema": OPEN_FRACTION, "early_stop": positive(int),
          "model": MODEL_NAME, "init_from": PATH}
