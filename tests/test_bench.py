@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import describe, in_process, run, train_here
 from dist_resnet import bench, data
+from dist_resnet.config import FAST_RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -197,17 +198,22 @@ def test_time_to_accuracy_reports_the_epochs(small_data, one_thread, target):
 
 
 def test_time_to_accuracy_with_the_fast_recipe(small_data, one_thread):
-    """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, and
-    BatchNorm statistics recomputed before each evaluation (here over the 3 batches there are)."""
+    """--recipe fast trains train.py's fast recipe: its epochs, one-cycle to its peak rate, its
+    Adam beta2, and BatchNorm statistics recomputed before each evaluation (over its first 16
+    batches, or as many as an epoch has)."""
     settings = settings_for(small_data, "--time-to-accuracy", "1.0", train=["--recipe", "fast"])
     recipe, test = bench.build(bench.train_options("eager_fp32", settings, small_data))
-    assert recipe.config.epochs == 3  # the fast recipe's own
-    assert (recipe.config.schedule, recipe.config.lr, recipe.config.bn_recalibrate) == ("onecycle", 8e-3, 16)
+    fast = FAST_RECIPE
+    assert recipe.config.epochs == fast["epochs"]  # the fast recipe's own
+    assert (recipe.config.schedule, recipe.config.lr, recipe.config.bn_recalibrate, recipe.config.adam_beta2) == (
+        "onecycle", fast["lr"], 16, fast["adam_beta2"])
     assert not recipe.config.compile and recipe.config.mixed_precision == "no"  # the config's speed options win
     result = bench.time_to_accuracy(recipe, test, bench.epoch_steps(recipe, notebook=False), 1.0)
-    assert result["seconds"] is None and len(result["accuracy_per_epoch"]) == 3  # 100% is never reached
+    assert result["seconds"] is None and len(result["accuracy_per_epoch"]) == fast["epochs"]  # 100%: never
     norm = next(m for m in recipe.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert norm.num_batches_tracked.item() == 3  # the plain average over the epoch's 3 batches
+    batches = min(16, recipe.steps_per_epoch)  # the plain average over the epoch's first 16 batches
+    assert recipe.steps_per_epoch < 16 or batches == 16
+    assert norm.num_batches_tracked.item() == batches
 
 
 def test_a_restart_with_a_seed_is_a_fresh_run_of_that_seed(small_data, one_thread):
