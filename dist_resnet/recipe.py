@@ -132,7 +132,9 @@ def build_model(config: Config, spec: transforms.DataSpec, world_size: int, devi
 class Recipe:
     """One rank's part of training: built on every rank, stepped by every rank in lockstep."""
 
-    def __init__(self, config: Config, accelerator: Accelerator, train):
+    def __init__(self, config: Config, accelerator: Accelerator, train, net: torch.nn.Module | None = None):
+        """net: build_model's network, where the caller built it (train.py does, so that a model
+        that fails to build on one rank fails on every rank before DDP's collectives)."""
         self.config, self.accelerator = config, accelerator
         self.train, self.spec = train, train.spec  # a data.Resident or data.Streamed training split
         world_size = accelerator.num_processes
@@ -150,7 +152,7 @@ class Recipe:
         self.cuda_graphs = config.compile and config.compile_mode == "reduce-overhead"
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping (--clip-grad)
 
-        net = build_model(config, self.spec, world_size, accelerator.device.type)
+        net = net if net is not None else build_model(config, self.spec, world_size, accelerator.device.type)
         self.sync_bn = should_sync_bn(config.sync_bn, world_size, accelerator.device.type)
         self.has_batchnorm = model.has_batchnorm(net)
         if config.channels_last:

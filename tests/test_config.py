@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -193,3 +194,17 @@ def test_the_start_line_names_the_threads_only_where_they_are_not_the_share_of_c
     assert threads_note(2, 2, 1) == "" and threads_note(1, 2, 2) == "" and threads_note(1, 1, 1) == ""
     assert threads_note(1, 2, 1) == ", 1 intra-op thread(s) per process of 2 core(s) available"
     assert threads_note(4, 4, 2) == ", 4 intra-op thread(s) per process of 4 core(s) available to 2 processes"
+
+
+def test_a_record_from_before_an_option_continues_with_that_options_default(tmp_path, monkeypatch):
+    """A fast-recipe run recorded before --adam-beta2 existed trained with Adam's default 0.999:
+    continued or rerun from its record, it keeps 0.999, not the recipe's newer 0.99."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    write_run_record(out, parse_config(["--recipe", "fast", "--output-dir", str(out)]))
+    record = json.loads((out / "config.json").read_text())
+    del record["adam_beta2"]  # as an older version wrote it
+    (out / "config.json").write_text(json.dumps(record))
+    assert parse_config(["--resume", "auto", "--output-dir", str(out)]).adam_beta2 == 0.999
+    assert parse_config(["--config", str(out / "config.json"), "--output-dir", str(tmp_path / "again")]).adam_beta2 == 0.999
+    assert parse_config(["--recipe", "fast"]).adam_beta2 == 0.99  # a new fast run: the recipe's

@@ -375,3 +375,64 @@ def test_more_epochs_for_a_finished_run_points_to_init_from(source_run):
     assert_one_line_error(result, 2, f"start a new run with --init-from {source_run}")
     assert "--epochs 1 (now 3)" in result.stderr
     assert (source_run / "model.safetensors").read_bytes() == before
+
+
+# ---- a model that fails on one rank, names that reach no code, paths written two ways ---------
+
+def test_a_model_that_fails_on_one_rank_ends_every_rank_with_its_line(mnist_dir, tmp_path):
+    """The network is built, and agreed on, before DDP's first collective: a model that cannot
+    be built on one rank alone (its file missing on a node, an error of its own) ends the whole
+    group at once with that rank's line, not after --dist-timeout with gloo's tracebacks."""
+    failing = tmp_path / "rank_one.py"
+    failing.write_text("import os\n\nfrom torch import nn\n\n\ndef build(channels, classes, image_size):\n"
+                       "    if os.environ.get('RANK') == '1':\n        raise RuntimeError('no GPU memory here')\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(channels * 28 * 28, classes))\n")
+    result = run(launch_command("--data-dir", mnist_dir, *TINY, "--model", f"{failing}:build",
+                                "--dist-timeout", 120, "--output-dir", tmp_path / "run"), timeout=100, env=ONE_THREAD)
+    # Within run()'s 100 s, less than --dist-timeout: nothing waited for the failed rank. Each
+    # worker exits 2; the launcher reports a failed child with exit 1.
+    assert result.returncode == 1 and "exitcode: 2" in result.stderr, describe(result)
+    assert "dist_resnet/train.py: error: rank 1: --model" in result.stderr, describe(result)
+    assert "no GPU memory here" in result.stderr and "Connection closed" not in result.stderr, describe(result)
+
+
+@pytest.mark.parametrize("name", ["timm:hf-hub:someone/net", "timm:local-dir:/tmp", "timm:"])
+def test_a_timm_name_is_an_architecture_never_a_source_to_fetch(name, mnist_dir, tmp_path):
+    """timm:NAME names one of timm's architectures: its hf-hub: and local-dir: sources, which
+    an options file could otherwise make timm fetch or read, are not model names."""
+    options = tmp_path / "options.yaml"
+    options.write_text(f"model: {json.dumps(name)}\n")
+    result = train_here(["--data-dir", mnist_dir, *TINY, "--config", options, "--output-dir", tmp_path / "run"])
+    assert_one_line_error(result, 2, "not a model name")
+
+
+def test_a_code_model_may_be_named_by_another_path_to_the_same_file(mnist_dir, tmp_path, monkeypatch):
+    """Weights of FILE.py:build load with --model naming that file by any path (relative from
+    another directory, absolute, through ./): the function and the file decide, not the text."""
+    out = tmp_path / "run"
+    trained = train_here(["--data-dir", mnist_dir, *TINY, "--model", OWN, "--output-dir", out])
+    assert trained.returncode == 0, describe(trained)
+    monkeypatch.chdir(TESTS)
+    for spelling in ("own_model.py:build", "./own_model.py:build", "../tests/own_model.py:build"):
+        assert isinstance(load_model(out, WIDTHS.accepts, spelling), torch.nn.Module), spelling
+    with pytest.raises(Exception, match="not of --model"):
+        load_model(out, WIDTHS.accepts, "own_model.py:other")
+
+
+def test_a_model_file_that_exits_is_one_line(mnist_dir, tmp_path):
+    """A research script that exits (or parses arguments and fails) when imported ends the run
+    with one line, not with the script's own exit."""
+    exiting = tmp_path / "exits.py"
+    exiting.write_text("import sys\n\nsys.exit('usage: exits.py --lr LR')\n")
+    result = train_here(["--data-dir", mnist_dir, *TINY, "--model", f"{exiting}:build", "--output-dir", tmp_path / "r"])
+    assert_one_line_error(result, 2, "SystemExit: usage: exits.py --lr LR")
+
+
+def test_the_cpu_notice_is_the_reference_models(monkeypatch):
+    """The CPU estimate is the reference network's: another --model gets none."""
+    from dist_resnet.train import parse_args
+    from dist_resnet.training.startup import cpu_notice
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cpu_notice(parse_args([]), "cpu", 3_600_000) is not None
+    assert cpu_notice(parse_args(["--model", "resnet18"]), "cpu", 3_600_000) is None

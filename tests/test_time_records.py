@@ -4,6 +4,7 @@ and the end record divides the time from the last step to the last file written,
 rank 0 wrote them, and on a run in this process."""
 
 import json
+import time
 
 from conftest import QUICK, describe, train_here
 
@@ -49,3 +50,22 @@ def test_a_resumed_finished_run_accounts_for_its_seconds_too(mnist_dir, tmp_path
     assert len(startups) == 1 and len(ends) == 2  # the resumed piece trains no step: no first step
     assert_accounted(startups, ends[:1])
     assert_accounted(startups, ends[1:], END_PHASES - {"checkpoint"})
+
+
+def test_training_throughput_leaves_out_the_evaluations(mnist_dir, tmp_path, monkeypatch):
+    """images_per_s measures training: the window after an evaluation starts when it ends. An
+    evaluation made 2 s slower must not slow the first window after it (4 steps, a fraction
+    of a second) to a small share of the others."""
+    from dist_resnet import recipe
+
+    evaluate = recipe.Recipe.evaluate
+    monkeypatch.setattr(recipe.Recipe, "evaluate", lambda self, test: time.sleep(2) or evaluate(self, test))
+    out = tmp_path / "out"
+    result = train_here(["--data-dir", mnist_dir, *QUICK, "--epochs", "2", "--train-limit", "1024",
+                         "--log-every", "4", "--report-to", "none", "--output-dir", out], threads=1)
+    assert result.returncode == 0, describe(result)
+    speeds = {r["step"]: r["images_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "train"}
+    after_evaluation = speeds[8 + 4]  # epoch 1 ends at step 8 (1024 / 128), evaluated; then 4 steps
+    others = sorted(v for step, v in speeds.items() if step not in (4, 12))  # less the first (warm-up)
+    assert after_evaluation > 0.3 * others[len(others) // 2], speeds

@@ -111,8 +111,13 @@ def _timm(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
     architecture = name.split(":", 1)[1]
     try:
         return timm.create_model(architecture, pretrained=False, in_chans=shape.channels, num_classes=shape.classes)
-    except RuntimeError as err:  # timm's "Unknown model"
-        raise ModelError(f"--model {name}: {err}") from None
+    except Exception as err:  # timm's "Unknown model", or an architecture that cannot take these inputs
+        raise ModelError(f"--model {name}: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+
+
+# timm's own architecture names (resnet18, vit_base_patch16_224.augreg_in21k): not its
+# hf-hub: or local-dir: sources, which a file naming a model would have timm fetch or read.
+TIMM_NAME = re.compile(r"timm:[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 CODE_NAME = re.compile(r"(?P<source>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
@@ -120,6 +125,19 @@ CODE_NAME = re.compile(r"(?P<source>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)"
 
 def _is_code(name: str) -> bool:
     return not name.startswith("timm:") and bool(CODE_NAME.fullmatch(name))
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two --model names build the same network: the same name, or the same function
+    of the same file however its path is written (relative, absolute, through ./)."""
+    if a == b:
+        return True
+    if not (_is_code(a) and _is_code(b)):
+        return False
+    (file_a, function_a), (file_b, function_b) = (CODE_NAME.fullmatch(n).group("source", "function") for n in (a, b))
+    if function_a != function_b or not (file_a.endswith(".py") and file_b.endswith(".py")):
+        return False
+    return Path(file_a).resolve() == Path(file_b).resolve()
 
 
 def _code(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
@@ -131,14 +149,14 @@ def _code(name: str, shape: Shape, widths: tuple[int, ...]) -> nn.Module:
         module = _load_module(source)
     except ModelError:
         raise
-    except Exception as err:  # the user's module failed as it ran
+    except (Exception, SystemExit) as err:  # the user's module failed, or exited, as it ran
         raise ModelError(f"--model {name}: importing {source} failed: {type(err).__name__}: {err}") from None
     build = getattr(module, function, None)
     if not callable(build):
         raise ModelError(f"--model {name}: {source} has no function {function}")
     try:
         net = build(shape.channels, shape.classes, shape.image_size)
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise ModelError(f"--model {name}: {function}({shape.channels}, {shape.classes}, {shape.image_size}) "
                          f"failed: {type(err).__name__}: {err}") from None
     if not isinstance(net, nn.Module):
@@ -169,7 +187,8 @@ FAMILIES = {
                         describe="the reference ResNet (--widths)"),
     "torchvision": Family(_is_torchvision, _torchvision, check_output=True,
                           describe="torchvision's classification models by name"),
-    "timm": Family(lambda name: name.startswith("timm:"), _timm, check_output=True, describe="timm's models, timm:NAME"),
+    "timm": Family(lambda name: bool(TIMM_NAME.fullmatch(name)), _timm, check_output=True,
+                   describe="timm's models, timm:NAME"),
     "code": Family(_is_code, _code, imports_code=True,
                    describe="your own, FILE.py:FUNCTION or package.module:FUNCTION"),
 }
@@ -180,7 +199,7 @@ def family_of(name: str) -> Family:
         if family.matches(name):
             return family
     raise ModelError(f"--model {name}: not a model name: reference, a torchvision model (such as resnet18), "
-                     "timm:NAME, FILE.py:FUNCTION or package.module:FUNCTION")
+                     "timm:NAME (an architecture's name), FILE.py:FUNCTION or package.module:FUNCTION")
 
 
 def imports_code(name: str) -> bool:

@@ -174,13 +174,14 @@ def _reference_for(path: Path, shapes: dict, widths_ok) -> ResNet:
 
 def _named_for(path: Path, shapes: dict, card: dict | None, name: str, model_given: str | None) -> nn.Module:
     """The model the card names, built for the card's channels, classes and image size."""
-    if model_given is not None and model_given != name:
+    if model_given is not None and not families.same_model(model_given, name):
         raise WeightsError(f"{path}: the weights of --model {name}, not of --model {model_given}")
-    if families.imports_code(name) and model_given != name:
+    if families.imports_code(name) and model_given is None:
         raise WeightsError(f"{path}: its model, {name}, is code from outside the suite; a weights file never "
                            f"chooses code to run: give --model {name} on the command line to build it")
     shape = card_shape(path, card)
     widths = tuple(card.get("widths") or ()) if card else ()
+    name = model_given or name  # the command line's spelling: its path is the one to read here
     try:
         _check_shapes(path, shapes, lambda: families.build(name, shape, widths))
         return families.build(name, shape, widths)
@@ -243,7 +244,7 @@ def start_from(net: nn.Module, path: str | Path, name: str, classes: int) -> tup
         source = files.fd_path(opened)
         shapes, card = _shapes_and_card(path, source)
         trained_as = model_name(card)
-        if trained_as != name:
+        if not families.same_model(trained_as, name):
             raise WeightsError(f"--init-from {path}: the weights of --model {trained_as}, not of --model {name}")
         their_classes = len(card["class_names"]) if card and isinstance(card.get("class_names"), list) else None
         ours = {key: tuple(t.shape) for key, t in net.state_dict().items()}

@@ -68,6 +68,7 @@ class Run:
 
     def evaluate_if_due(self) -> None:
         self.evaluator.evaluate_if_due(self.step, self.batches)
+        self.window.restart_clock()  # evaluation time is not training throughput
         if self.end_phases:
             self.end_phases.mark("evaluation")
 

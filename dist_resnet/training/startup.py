@@ -49,7 +49,11 @@ def start(command: CommandLine, accelerator, phases: Phases, started: float, clo
 
     train_data, test_data = together(lambda: _load_data(config, accelerator, journal))
     phases.mark("data")
-    run_recipe = together(lambda: recipe.Recipe(config, accelerator, train_data))
+    # The network first, agreed on by every rank: building it runs the user's code (--model), which
+    # may fail on one rank alone, and the recipe's DDP wrap is a collective that would wait for it.
+    net = together(lambda: recipe.build_model(config, train_data.spec, accelerator.num_processes,
+                                              accelerator.device.type))
+    run_recipe = together(lambda: recipe.Recipe(config, accelerator, train_data, net))
     phases.mark("recipe")
 
     saver = Saver(config, accelerator, output_dir, claim.run_id, run_recipe, Evaluator.best_of(config))
@@ -231,7 +235,7 @@ def threads_note(threads: int, cores: int, local: int) -> str:
 def cpu_notice(config: Config, device_type: str, images_left: int) -> str | None:
     """The reference recipe on a CPU takes hours: a line that says so, with the estimate at
     CPU_IMAGES_PER_S and what to run instead; None for any other run, or one of minutes."""
-    if (device_type != "cpu" or config.debug or config.recipe != "reference"
+    if (device_type != "cpu" or config.debug or config.recipe != "reference" or config.model != "reference"
             or config.widths != Config().widths):
         return None
     minutes = images_left / CPU_IMAGES_PER_S / 60
