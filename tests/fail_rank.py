@@ -14,11 +14,11 @@ FAIL_RANK, FAIL_STEP = int(sys.argv[1]), int(sys.argv[2])
 real_step, steps = recipe.Recipe.step_on, []
 
 
-def failing_step(self, images, labels):
+def failing_step(self, images, labels, index=None):
     steps.append(1)
     if self.accelerator.process_index == FAIL_RANK and len(steps) == FAIL_STEP:
         raise RuntimeError(f"injected failure on rank {FAIL_RANK} at step {FAIL_STEP}")
-    return real_step(self, images, labels)
+    return real_step(self, images, labels, index)
 
 
 recipe.Recipe.step_on = failing_step
