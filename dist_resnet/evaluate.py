@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_resnet import batches, checkpoint, cli, data, datasets, distributed, recipe, report, rundir
-from dist_resnet.config import KINDS, MIXED_PRECISION, WIDTHS, Config, Parser, launcher_problem, positive, rank_from_env
+from dist_resnet.config import (MIXED_PRECISION, WIDTHS, Config, Parser, add_model_option, launcher_problem, positive,
+                                rank_from_env)
 from dist_resnet.model import WeightsError, io_shape, load_model
 from dist_resnet.runs import Source, find_source
 
@@ -48,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--output-dir", type=Path,
                         help="default: eval/ in the run's directory (eval/step-N for a checkpoint)")
     parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
-                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
-                        "a weights file never chooses code to run (default: the one the weights file names)")
+    add_model_option(parser)
     options = Options(**vars(parser.parse_args(argv)))
     problem = launcher_problem()  # evaluate.py runs under a launcher too
     if problem:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dist_resnet import checkpoint, cli, datasets, files, transforms
-from dist_resnet.config import KINDS, WIDTHS, ExitCode, Parser, positive, require
+from dist_resnet.config import WIDTHS, ExitCode, Parser, add_model_option, positive, require
 from dist_resnet.runs import find_source
 from dist_resnet.model import (WeightsError, from_notebook_names, load_model, open_weights, to_notebook_names,
                                 weights_path)
@@ -64,9 +64,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                         help="instead of ONNX: WEIGHTS is a state dict saved by the original notebook's model "
                         "(torch.save(model.state_dict(), FILE)); write it as model.safetensors beside it (or "
                         "--output), which evaluate, predict and export read")
-    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
-                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
-                        "a weights file never chooses code to run (default: the one the weights file names)")
+    add_model_option(parser)
     args = parser.parse_args(argv)
     if args.to_notebook and args.from_notebook:
         parser.error("--to-notebook and --from-notebook go opposite ways: choose one")

@@ -19,7 +19,7 @@ import torch
 
 from dist_resnet import cli, datasets
 from dist_resnet.transforms import MNIST_SPEC, DataSpec
-from dist_resnet.config import KINDS, WIDTHS, Kind, Parser
+from dist_resnet.config import WIDTHS, Kind, Parser, add_model_option
 from dist_resnet.images import image_files, read_digit, read_resized
 from dist_resnet.model import WeightsError, load_model, weights_path
 
@@ -120,9 +120,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--top-k", type=Kind(int, lambda v: 0 <= v <= 99, "a whole number from 0 to 99"),
                         default=None, metavar="K",
                         help="runners-up shown in the table, fewer than the classes (default: 2, or 1 for a 2-class model)")
-    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
-                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
-                        "a weights file never chooses code to run (default: the one the weights file names)")
+    add_model_option(parser)
     return Options(**vars(parser.parse_args(argv)))
 
 

@@ -80,8 +80,9 @@ class RunRecord:
             if not isinstance(values.get("run_id"), str):
                 raise ValueError("no run_id")
             config = Config.from_dict({k: values[k] for k in option_names if k in values}, "options")
-            facts = from_values(Facts, {"intra_op_threads": None, "init_from_sha256": None,
-                                        **{k: values[k] for k in fact_names if k in values}}, "facts")
+            # Facts newer than the record have defaults, what a run before them recorded as none.
+            later = {f.name: f.default for f in dataclasses.fields(Facts) if f.default is not dataclasses.MISSING}
+            facts = from_values(Facts, {**later, **{k: values[k] for k in fact_names if k in values}}, "facts")
             wrong = [name for name, ok in (
                 ("world_size", facts.world_size >= 1), ("per_process_batch", facts.per_process_batch >= 1),
                 ("steps_per_epoch", facts.steps_per_epoch >= 1), ("train_size", facts.train_size >= 1),

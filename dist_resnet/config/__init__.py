@@ -8,7 +8,8 @@
 The names other modules use are here, so that they import `dist_resnet.config` alone.
 """
 
-from dist_resnet.config.command_line import (CommandLine, DefaultsHelp, Parser, build_parser, launcher_problem,
+from dist_resnet.config.command_line import (CommandLine, DefaultsHelp, Parser, add_model_option, build_parser,
+                                             launcher_problem,
                                              parse_config, rank_from_env, read_command_line, world_size_from_env)
 from dist_resnet.config.option_files import NOT_REPEATED, RUN_RECORD, read_options_file
 from dist_resnet.config.options import (ADDED_OPTIONS, BEST_METRICS, CHOICES, COMPILE_MODES, DEBUG_OVERRIDES,
@@ -20,6 +21,6 @@ from dist_resnet.config.options import (ADDED_OPTIONS, BEST_METRICS, CHOICES, CO
 __all__ = ["ADDED_OPTIONS", "BEST_METRICS", "CHOICES", "COMPILE_MODES", "DEBUG_OVERRIDES", "FAST_RECIPE", "KINDS",
            "MAX_DIST_TIMEOUT_S", "MIXED_PRECISION", "MUST_MATCH_ON_RESUME", "NAME", "NOT_REPEATED", "PATH",
            "RECORD_FORMAT", "RUN_RECORD", "WIDTHS", "CommandLine", "Config", "DefaultsHelp", "ExitCode", "Facts",
-           "Kind", "MissingPackage", "Parser", "build_parser", "from_values", "launcher_problem", "parse_config",
-           "positive", "rank_from_env", "read_command_line", "read_options_file", "require", "resume_mismatches",
-           "world_size_from_env"]
+           "Kind", "MissingPackage", "Parser", "add_model_option", "build_parser", "from_values", "launcher_problem",
+           "parse_config", "positive", "rank_from_env", "read_command_line", "read_options_file", "require",
+           "resume_mismatches", "world_size_from_env"]

@@ -95,6 +95,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitCode.BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """--model for the commands that read weights (evaluate, predict, export): a weights file
+    names its model, but never code to run, which only their command line may name."""
+    parser.add_argument("--model", type=KINDS["model"], metavar="NAME",
+                        help="the model the weights are of, where it is your own code (FILE.py:FUNCTION): "
+                        "a weights file never chooses code to run (default: the one the weights file names)")
+
+
 # ---- train.py's command line ------------------------------------------------------------------
 
 # The default of each option whose Config value does not say it by itself (None, or a value the

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from dist_resnet import files
-from dist_resnet.config.options import ADDED_OPTIONS, RECORD_FORMAT, Config, Facts, Kind, typed_value, require
+from dist_resnet.config.options import RECORD_FORMAT, Config, Facts, Kind, typed_value, require
 
 # What a run's config.json says about where it ran, not what it trained: rerunning it from its
 # record leaves these to the command line (a new --output-dir; the record's own --config file).
@@ -126,11 +126,10 @@ def _record_options(values: dict) -> dict:
     unknown = sorted(map(str, values.keys() - known))
     if unknown:
         raise ValueError(f"unknown {', '.join(unknown)}: not an option or fact of a run record")
-    Config.from_dict({k: v for k, v in values.items() if k in options}, "the record")
-    # Options newer than the record are what its run did without them, their defaults: not left
-    # to a recipe, whose value for them may be another (--recipe fast's --adam-beta2).
-    added = {name: getattr(Config(), name) for name in ADDED_OPTIONS if name not in values}
-    return {k: v for k, v in {**values, **added}.items() if k in options and k not in NOT_REPEATED}
+    # Config.from_dict gives options newer than the record the defaults its run had without them:
+    # not left to a recipe, whose value for them may be another (--recipe fast's --adam-beta2).
+    config = Config.from_dict({k: v for k, v in values.items() if k in options}, "the record")
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_REPEATED}
 
 
 def checked_options(parser: argparse.ArgumentParser, values: dict) -> dict:
