@@ -436,3 +436,16 @@ def test_the_cpu_notice_is_the_reference_models(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert cpu_notice(parse_args([]), "cpu", 3_600_000) is not None
     assert cpu_notice(parse_args(["--model", "resnet18"]), "cpu", 3_600_000) is None
+
+
+@pytest.mark.parametrize("model", [7, "", "x" * 2000])
+def test_a_card_whose_model_is_not_a_name_is_one_line_naming_the_file(model, source_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source_run / "model.safetensors"), "pt") as opened:
+        card = json.loads(opened.metadata()["dist_resnet"])
+    damaged = tmp_path / "model.safetensors"
+    save_file(load_file(source_run / "model.safetensors"), damaged, {"dist_resnet": json.dumps({**card, "model": model})})
+    with pytest.raises(Exception, match=f"^{damaged}: its description of the model is damaged: model must be a name$"):
+        load_model(damaged, WIDTHS.accepts)

@@ -126,7 +126,7 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool],
     with open_weights(path) as opened:  # every read below is of this one checked file
         source = files.fd_path(opened)
         shapes, card = _shapes_and_card(path, source)
-        name = model_name(card)
+        name = model_name(path, card)
         if name == "reference" and model_given in (None, "reference"):
             model = _reference_for(path, shapes, widths_ok)
         else:
@@ -139,12 +139,12 @@ def load_model(path: str | Path, widths_ok: Callable[[tuple[int, ...]], bool],
     return model
 
 
-def model_name(card: dict | None) -> str:
-    """The --model a card names; a card without one (written before models had names) is the
-    reference's."""
+def model_name(path: Path, card: dict | None) -> str:
+    """The --model the card of the weights file `path` names; a card without one (written
+    before models had names) is the reference's."""
     name = (card or {}).get("model", "reference")
     if not isinstance(name, str) or not 0 < len(name) <= 1024:
-        raise WeightsError("its description of the model is damaged: model must be a name")
+        raise WeightsError(f"{path}: its description of the model is damaged: model must be a name")
     return name
 
 
@@ -243,7 +243,7 @@ def start_from(net: nn.Module, path: str | Path, name: str, classes: int) -> tup
     with open_weights(path) as opened:
         source = files.fd_path(opened)
         shapes, card = _shapes_and_card(path, source)
-        trained_as = model_name(card)
+        trained_as = model_name(path, card)
         if not families.same_model(trained_as, name):
             raise WeightsError(f"--init-from {path}: the weights of --model {trained_as}, not of --model {name}")
         their_classes = len(card["class_names"]) if card and isinstance(card.get("class_names"), list) else None
