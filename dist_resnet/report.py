@@ -41,8 +41,13 @@ def load_ahead() -> threading.Thread:
     """Import scikit-learn's metrics in a background thread, so that the report after the last
     step does not wait for them (docs/compile-cache.md, "Where the end goes"). Started once
     training runs: nothing else is imported then, so no import can wait on this one."""
-    thread = threading.Thread(target=importlib.import_module, args=("sklearn.metrics",), daemon=True,
-                              name="load-sklearn")
+    def load() -> None:
+        try:
+            importlib.import_module("sklearn.metrics")
+        except Exception:  # the report's own import says what is wrong, in its place
+            pass
+
+    thread = threading.Thread(target=load, daemon=True, name="load-sklearn")
     thread.start()
     return thread
 

@@ -44,6 +44,7 @@ class Journal:
         self.is_main = is_main
         self.metrics = self.trackers = self.plots = self.bar = None
         self.metrics_failed = False
+        self.loading = None  # the report's scikit-learn, imported in the background (load_report_ahead)
 
     def say(self, message: str) -> None:
         """A line on rank 0; tqdm.write keeps it off the progress bar's line."""
@@ -108,7 +109,15 @@ class Journal:
             self.trackers.close()
             self.trackers = None
 
+    def load_report_ahead(self) -> None:
+        """On rank 0, once training runs: the report's scikit-learn, imported in the background
+        (report.load_ahead), so that the end does not wait for it."""
+        if self.is_main and self.loading is None:
+            self.loading = report.load_ahead()
+
     def close(self) -> None:
+        if self.loading is not None:  # a run stopped soon after its first step: no import is left
+            self.loading.join()      # half done while the interpreter and the process group shut down
         if self.bar is not None:
             self.bar.close()
         if self.plots is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from dist_resnet import checkpoint, cli, compile_cache, distributed, profiling, recipe, report
+from dist_resnet import checkpoint, cli, compile_cache, distributed, profiling, recipe
 from dist_resnet.config import Config
 from dist_resnet.training.evaluation import Evaluator
 from dist_resnet.training.journal import Journal, Phases
@@ -101,8 +101,7 @@ class Run:
         for problem in warm.save() if compiled else []:
             self.journal.say(problem)
         self.phases.mark("save_compiled")
-        if self.journal.is_main:
-            report.load_ahead()  # the report's scikit-learn, while the run trains
+        self.journal.load_report_ahead()
         ranks = distributed.gather_all(status)
         differ = next((f"; rank {rank}: {other}" for rank, other in enumerate(ranks) if other != status), "")
         self.phases.mark("meet_ranks")
